@@ -1,0 +1,100 @@
+"""The Flask app: ``POST /retrieve``, ``GET /health``, ``GET /metrics``.
+
+Every error is a JSON ``{"error": "..."}`` with a 4xx/5xx status, never a stack trace; the server keeps
+serving. With a bearer token configured, ``/retrieve`` and ``/metrics`` need
+``Authorization: Bearer <token>``; ``/health`` stays open for load balancers and readiness probes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from retriever_server.batcher import BatcherStopped
+from retriever_server.service import RetrievalService
+from retriever_server.wire import RequestError, RequestLimits, format_results, parse_retrieve_request
+
+logger = logging.getLogger(__name__)
+_PROTECTED = {"/retrieve", "/metrics"}
+
+
+def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(payload), status=status, mimetype="application/json", headers=headers)
+
+
+def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimits(), default_topk: int = 3,
+               auth_token: str | None = None) -> Flask:
+    """Build the app around a service (loaded, or loading in the background)."""
+    app = Flask("ragr1_retriever")
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
+    metrics = service.metrics
+
+    @app.before_request
+    def start_request():
+        g.started = time.perf_counter()
+        if auth_token and request.path in _PROTECTED and not _authorized(request.headers.get("Authorization"),
+                                                                          auth_token):
+            raise RequestError(401, "missing or wrong bearer token", "unauthorized")
+
+    @app.after_request
+    def record_request(response: Response) -> Response:
+        endpoint = request.path if request.path in ("/retrieve", "/health", "/metrics") else "other"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+    @app.errorhandler(RequestError)
+    def request_error(err: RequestError):
+        metrics.errors.labels(err.kind).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return _json({"error": err.message}, err.status, headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        metrics.errors.labels(err.name.lower().replace(" ", "_")).inc()
+        return _json({"error": f"{err.name}: {err.description}"}, err.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(err: Exception):
+        logger.exception("unexpected error while serving %s", request.path)
+        metrics.errors.labels("internal").inc()
+        return _json({"error": "internal server error; see the server log"}, 500)
+
+    @app.post("/retrieve")
+    def retrieve():
+        if not request.is_json:
+            raise RequestError(415, "Content-Type must be application/json", "unsupported_media_type")
+        parsed = parse_retrieve_request(request.get_data(cache=False), limits, default_topk)
+        if not service.ready:
+            raise RequestError(503, f"the index is not ready ({service.state})", "not_ready")
+        metrics.queries.inc(len(parsed.queries))
+        try:
+            documents, scores = service.search(parsed.queries, parsed.topk)
+        except FutureTimeout:
+            raise RequestError(503, "the retriever is overloaded: the request timed out", "timeout") from None
+        except BatcherStopped as err:
+            raise RequestError(503, str(err), "shutting_down") from None
+        return _json(format_results(documents, scores, parsed.return_scores))
+
+    @app.get("/health")
+    def health():
+        body = service.health()
+        return _json(body, 200 if service.ready else 503)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _authorized(header: str | None, token: str) -> bool:
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].encode(), token.encode())

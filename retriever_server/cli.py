@@ -1,0 +1,144 @@
+"""``ragr1-retriever``: serve an index (``serve``), try the embedded demo (``demo``), query a server (``query``)."""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import requests
+
+from retriever_server.app import create_app
+from retriever_server.batcher import BatchingConfig
+from retriever_server.http_server import WaitressServer
+from retriever_server.service import SEARCH_BACKENDS, LoadOptions, RetrievalService
+from retriever_server.wire import RequestLimits
+
+logger = logging.getLogger("ragr1-retriever")
+TOKEN_ENV = "RAGR1_RETRIEVER_TOKEN"
+
+
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", type=Path, help="index folder written by `ragr1-index build`")
+    where.add_argument("--demo", action="store_true", help="serve the bundled demo corpus (built and cached)")
+    serve.add_argument("--demo-kind", choices=("dense", "bm25"), default="dense", help="demo index kind")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server")
+    serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one and logs it)")
+    serve.add_argument("--topk", type=int, default=3, help="documents per query when a request gives no topk")
+    serve.add_argument("--auth-token", default=None, help=f"require this bearer token (default: ${TOKEN_ENV})")
+    serve.add_argument("--threads", type=int, default=64, help="HTTP worker threads")
+    serve.add_argument("--max-batch-queries", type=int, default=512, help="most distinct queries per batch")
+    serve.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait for a batch to fill")
+    serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a queued request fails")
+    serve.add_argument("--cache-size", type=int, default=100_000, help="query embeddings kept in the LRU cache")
+    serve.add_argument("--max-queries-per-request", type=int, default=512)
+    serve.add_argument("--max-query-chars", type=int, default=2048)
+    serve.add_argument("--max-topk", type=int, default=100)
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--encoder", default=None, help="encoder override (must match the manifest's)")
+    serve.add_argument("--encoder-device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    serve.add_argument("--encoder-batch-size", type=int, default=128)
+    serve.add_argument("--search-backend", choices=SEARCH_BACKENDS, default="auto",
+                       help="auto: torch fp16 exact search on GPUs for Flat indexes, else faiss-gpu if "
+                            "installed, else faiss on CPU")
+    serve.add_argument("--search-devices", default="", help="comma-separated devices for --search-backend torch")
+    serve.add_argument("--omp-threads", type=int, default=0, help="faiss OpenMP threads for large batches (0: all)")
+    serve.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    serve.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
+    serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
+    serve.add_argument("--corpus", default=None, help="a corpus.arrow to use instead of the index folder's")
+    serve.add_argument("--verify-checksums", action="store_true", help="sha256 every index file before serving")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragr1-retriever", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve an index over HTTP",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_serve_arguments(serve)
+    demo = commands.add_parser("demo", help="build the demo index, serve it on a free port, query it, stop")
+    demo.add_argument("--kind", choices=("dense", "bm25"), default="dense")
+    query = commands.add_parser("query", help="send queries to a running server and print the results")
+    query.add_argument("queries", nargs="+")
+    query.add_argument("--url", default="http://127.0.0.1:8000", help="server address")
+    query.add_argument("--topk", type=int, default=3)
+    query.add_argument("--auth-token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    return parser
+
+
+def build_service(args: argparse.Namespace) -> RetrievalService:
+    from retriever_server.demo import ensure_demo_index
+
+    index_dir = ensure_demo_index(args.demo_kind, show_progress=True) if args.demo else args.index
+    options = LoadOptions(encoder=args.encoder, encoder_device=args.encoder_device,
+                          encoder_batch_size=args.encoder_batch_size, search_backend=args.search_backend,
+                          search_devices=tuple(d for d in args.search_devices.split(",") if d),
+                          omp_threads=args.omp_threads, torch_threads=args.torch_threads, nprobe=args.nprobe,
+                          ef_search=args.ef_search, corpus=args.corpus, verify_checksums=args.verify_checksums,
+                          cache_size=args.cache_size)
+    batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
+                              request_timeout_s=args.request_timeout)
+    return RetrievalService(index_dir, options, batching)
+
+
+def serve(args: argparse.Namespace) -> int:
+    limits = RequestLimits(max_queries_per_request=args.max_queries_per_request, max_query_chars=args.max_query_chars,
+                           max_topk=args.max_topk, max_body_bytes=args.max_body_bytes)
+    if not 1 <= args.topk <= limits.max_topk:
+        raise SystemExit(f"error: --topk must be between 1 and --max-topk ({limits.max_topk})")
+    service = build_service(args)
+    token = args.auth_token or os.environ.get(TOKEN_ENV) or None
+    app = create_app(service, limits=limits, default_topk=args.topk, auth_token=token)
+    server = WaitressServer(app, host=args.host, port=args.port, threads=args.threads,
+                            max_body_bytes=limits.max_body_bytes)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        logger.warning("serving on %s without a bearer token: anyone who can reach it can query it", args.host)
+    # Loading a large index takes minutes; /health answers (ready: false) meanwhile. A failed load ends serve.
+    signal.signal(signal.SIGTERM, lambda *_: _thread.interrupt_main())
+    try:
+        service.load_in_background(on_failure=lambda err: _thread.interrupt_main())
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        service.close()
+    if service.state == "failed":
+        logger.error("stopped: %s", service.error)
+        return 1
+    return 0
+
+
+def query(args: argparse.Namespace) -> int:
+    token = args.auth_token or os.environ.get(TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = requests.post(f"{args.url.rstrip('/')}/retrieve", headers=headers, timeout=60,
+                             json={"queries": args.queries, "topk": args.topk, "return_scores": True})
+    print(json.dumps(response.json(), indent=2, ensure_ascii=False))
+    return 0 if response.ok else 1
+
+
+def demo(args: argparse.Namespace) -> int:
+    from retriever_server.demo import run_demo
+
+    for line in run_demo(args.kind):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"serve": serve, "demo": demo, "query": query}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

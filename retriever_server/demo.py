@@ -1,0 +1,104 @@
+"""The embedded demo: a bundled corpus and question set, and a cached index built from them on first use."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from retriever_server import __version__
+from retriever_server.builder import BuildOptions, build_index
+from retriever_server.manifest import MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_CORPUS = DEMO_DIR / "corpus.jsonl"
+DEMO_QUESTIONS = DEMO_DIR / "questions.jsonl"
+DEMO_ENCODER = "minilm"
+
+
+def cache_root() -> Path:
+    """``$RAGR1_CACHE_DIR``, else ``$XDG_CACHE_HOME/ragr1-verl``, else ``~/.cache/ragr1-verl``."""
+    if os.environ.get("RAGR1_CACHE_DIR"):
+        return Path(os.environ["RAGR1_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ragr1-verl"
+
+
+def ensure_demo_index(kind: str = "dense", root: Path | None = None, show_progress: bool = False) -> Path:
+    """The folder of the demo index, built once per corpus version, encoder and kind; safe across processes."""
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(DEMO_CORPUS.read_bytes() + f"{kind}:{DEMO_ENCODER}:{__version__}".encode()).hexdigest()[:12]
+    index_dir = root / f"demo-{kind}-{key}"
+    with open(root / f".demo-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (index_dir / MANIFEST_NAME).exists():
+            logger.info("building the demo %s index in %s", kind, index_dir)
+            build_index(BuildOptions(corpus=DEMO_CORPUS, out_dir=index_dir, kind=kind, encoder=DEMO_ENCODER,
+                                     show_progress=show_progress))
+    return index_dir
+
+
+def load_demo_questions() -> list[dict]:
+    """The demo questions: ``question``, ``golden_answers``, ``type``, ``supporting_ids`` per row."""
+    with open(DEMO_QUESTIONS, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _title(contents: str) -> str:
+    return contents.split("\n", 1)[0].strip('"')
+
+
+def run_demo(kind: str = "dense", questions_per_request: int = 3) -> list[str]:
+    """Serve the demo index on a free loopback port, query it over HTTP, stop; returns the report lines."""
+    from retriever_server.app import create_app
+    from retriever_server.batcher import BatchingConfig
+    from retriever_server.http_server import WaitressServer
+    from retriever_server.service import LoadOptions, RetrievalService
+
+    service = RetrievalService(ensure_demo_index(kind, show_progress=True), LoadOptions(), BatchingConfig())
+    service.load()
+    server = WaitressServer(create_app(service), port=0).start_in_thread()
+    try:
+        questions = load_demo_questions()
+        lines = [f"demo retriever ({kind}, {len(service.corpus)} passages) on {server.url}", ""]
+        sample = [q for q in questions if q["type"] == "multi-hop"][:1] + \
+                 [q for q in questions if q["type"] == "single-hop"][:questions_per_request - 1]
+        lines += _show_one_request(server.url, sample)
+        lines += _recall_summary(server.url, questions)
+    finally:
+        server.stop()
+        service.close()
+    return lines
+
+
+def _show_one_request(url: str, sample: list[dict]) -> list[str]:
+    import requests
+
+    payload = {"queries": [q["question"] for q in sample], "topk": 3, "return_scores": True}
+    result = requests.post(f"{url}/retrieve", json=payload, timeout=60).json()["result"]
+    lines = [f"one request, {len(sample)} queries (a RAG-R1 multi-query search):"]
+    for question, hits in zip(sample, result):
+        lines.append(f"  Q: {question['question']}  (gold: {question['golden_answers'][0]})")
+        for rank, hit in enumerate(hits, start=1):
+            mark = "*" if hit["document"]["id"] in question["supporting_ids"] else " "
+            lines.append(f"    {rank}.{mark} {hit['score']:.3f}  {_title(hit['document']['contents'])}")
+    return lines + ["  (* = a passage the question's answer comes from)", ""]
+
+
+def _recall_summary(url: str, questions: list[dict]) -> list[str]:
+    import requests
+
+    payload = {"queries": [q["question"] for q in questions], "topk": 3}
+    result = requests.post(f"{url}/retrieve", json=payload, timeout=120).json()["result"]
+    lines = ["supporting-passage recall@3 over all demo questions:"]
+    for kind in ("single-hop", "multi-hop"):
+        rows = [(q, docs) for q, docs in zip(questions, result) if q["type"] == kind]
+        found = sum(any(d["id"] in q["supporting_ids"] for d in docs) for q, docs in rows)
+        lines.append(f"  {kind:10s}: {found}/{len(rows)} questions have a supporting passage in the top 3")
+    return lines

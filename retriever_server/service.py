@@ -1,0 +1,158 @@
+"""The retrieval service: loads an index folder after checking its manifest, then answers searches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from retriever_server.backends import DenseRetriever, LexicalRetriever, Retriever
+from retriever_server.batcher import BatchingConfig, DynamicBatcher
+from retriever_server.bm25 import Bm25Searcher
+from retriever_server.corpus import CORPUS_NAME, Corpus
+from retriever_server.dense import EXACT_INDEX_TYPES, FaissSearcher, TorchExactSearcher, cuda_devices, \
+    faiss_gpu_available
+from retriever_server.encoders import EncoderSpec, TextEncoder
+from retriever_server.manifest import Manifest, ManifestError, PROBE_SENTENCE, check_corpus, check_encoder, \
+    check_files
+from retriever_server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+SEARCH_BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load an index (CLI flags of ``ragr1-retriever serve`` with the same names)."""
+
+    encoder: str | None = None  # default: the encoder named in the manifest
+    encoder_device: str = "auto"
+    encoder_batch_size: int = 128
+    search_backend: str = "auto"
+    search_devices: tuple[str, ...] = ()  # torch backend; default: every visible GPU
+    omp_threads: int = 0  # 0: all cores
+    torch_threads: int = 0  # 0: all cores
+    nprobe: int | None = None
+    ef_search: int | None = None
+    corpus: str | None = None  # default: corpus.arrow in the index folder
+    verify_checksums: bool = False
+    cache_size: int = 100_000
+
+
+class RetrievalService:
+    """Owns the corpus, the retriever and the batcher; reports its state for ``/health``."""
+
+    def __init__(self, index_dir: str | os.PathLike, options: LoadOptions, batching: BatchingConfig,
+                 metrics: ServerMetrics | None = None):
+        self.index_dir = Path(index_dir)
+        self.options = options
+        self.batching = batching
+        self.metrics = metrics or ServerMetrics()
+        self.state = "loading"
+        self.error: str | None = None
+        self.started = time.time()
+        self.manifest: Manifest | None = None
+        self.corpus: Corpus | None = None
+        self.batcher: DynamicBatcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def load(self) -> None:
+        """Check the manifest, load corpus, encoder and index, and start the batcher. Raises on mismatch."""
+        try:
+            manifest = Manifest.read(self.index_dir)
+            check_files(manifest, self.index_dir, checksums=self.options.verify_checksums)
+            corpus_path = Path(self.options.corpus) if self.options.corpus else self.index_dir / CORPUS_NAME
+            corpus = Corpus(corpus_path)
+            check_corpus(manifest, corpus_path, len(corpus))
+            _set_thread_counts(self.options)
+            retriever = self._load_retriever(manifest)
+        except Exception as err:
+            self.state, self.error = "failed", str(err)
+            raise
+        self.manifest, self.corpus = manifest, corpus
+        self.batcher = DynamicBatcher(retriever, self.batching, self.metrics)
+        self.batcher.start()
+        self.state = "ready"
+        logger.info("serving %d passages from %s (%s)", len(corpus), self.index_dir, retriever.description)
+
+    def load_in_background(self, on_failure) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.load()
+            except Exception as err:  # noqa: BLE001 - reported through /health and on_failure
+                logger.error("could not load the index: %s", err)
+                on_failure(err)
+
+        thread = threading.Thread(target=run, name="ragr1-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_retriever(self, manifest: Manifest) -> Retriever:
+        if manifest.kind == "bm25":
+            return LexicalRetriever(Bm25Searcher(self.index_dir, manifest.index), self.metrics)
+        spec = EncoderSpec.from_dict(manifest.encoder["spec"])
+        if self.options.encoder:
+            spec = EncoderSpec.from_dict({**spec.to_dict(), "name": self.options.encoder})
+        encoder = TextEncoder(spec, device=self.options.encoder_device, batch_size=self.options.encoder_batch_size)
+        check_encoder(manifest, spec.name, encoder.fingerprint, encoder.encode_queries([PROBE_SENTENCE])[0])
+        searcher = self._load_searcher(manifest)
+        if searcher.ntotal != manifest.corpus["count"]:
+            raise ManifestError(f"the index holds {searcher.ntotal} vectors but the corpus has "
+                                f"{manifest.corpus['count']} passages")
+        return DenseRetriever(encoder, searcher, self.metrics, self.options.cache_size)
+
+    def _load_searcher(self, manifest: Manifest):
+        backend = self.options.search_backend
+        exact = manifest.index["type"] in EXACT_INDEX_TYPES
+        if backend == "auto":
+            backend = "torch" if exact and cuda_devices() else "faiss-gpu" if faiss_gpu_available() else "faiss"
+        if backend == "torch":
+            if not exact:
+                raise ManifestError(f"the torch backend does exact search; this index is {manifest.index['type']}")
+            devices = list(self.options.search_devices) or cuda_devices() or ["cpu"]
+            return TorchExactSearcher.load(self.index_dir, devices)
+        if backend == "faiss-gpu" and not faiss_gpu_available():
+            raise ManifestError("--search-backend faiss-gpu needs faiss-gpu and a visible GPU")
+        omp_threads = self.options.omp_threads or os.cpu_count() or 1
+        return FaissSearcher.load(self.index_dir, use_gpu=backend == "faiss-gpu", omp_threads=omp_threads,
+                                  nprobe=self.options.nprobe, ef_search=self.options.ef_search)
+
+    def search(self, queries: list[str], k: int) -> tuple[list[list[dict]], list[list[float]]]:
+        """Documents and scores per query, through the batcher."""
+        scores, positions = self.batcher.search(queries, k)
+        documents, kept_scores = [], []
+        for score_row, position_row in zip(scores.tolist(), positions.tolist()):
+            hits = [(p, s) for p, s in zip(position_row, score_row) if p >= 0]
+            documents.append(self.corpus.documents([p for p, _ in hits]))
+            kept_scores.append([round(float(s), 6) for _, s in hits])
+        return documents, kept_scores
+
+    def health(self) -> dict:
+        manifest = self.manifest
+        return {
+            "status": self.state,
+            "ready": self.ready,
+            "error": self.error,
+            "corpus_size": len(self.corpus) if self.corpus is not None else None,
+            "index_type": manifest.index["type"] if manifest else None,
+            "encoder": (manifest.encoder or {}).get("spec", {}).get("name") if manifest else None,
+            "backend": self.batcher.retriever.description if self.batcher else None,
+            "index_dir": str(self.index_dir),
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+
+def _set_thread_counts(options: LoadOptions) -> None:
+    import torch
+
+    torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)

@@ -1,0 +1,93 @@
+"""The ``/retrieve`` wire format, compatible with Search-R1, RAG-R1 and verl <= 0.7 clients.
+
+Request: ``{"queries": [str, ...], "topk": int (optional), "return_scores": bool (optional, false)}``.
+Response: ``{"result": [per query: [{"document": {"id", "contents"}, "score": float}, ...]]}`` with scores,
+or ``{"result": [per query: [{"id", "contents"}, ...]]}`` without. Unknown request fields are ignored, as
+the original servers ignore them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on one request (CLI: ``--max-queries-per-request``, ``--max-query-chars``, ``--max-topk``,
+    ``--max-body-bytes``)."""
+
+    max_queries_per_request: int = 512
+    max_query_chars: int = 2048
+    max_topk: int = 100
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+class RequestError(ValueError):
+    """A client error: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "bad_request"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass(frozen=True)
+class RetrieveRequest:
+    queries: list[str]
+    topk: int
+    return_scores: bool
+
+
+def parse_retrieve_request(body: bytes, limits: RequestLimits, default_topk: int) -> RetrieveRequest:
+    """Validate a ``/retrieve`` body; raise :class:`RequestError` saying exactly what is wrong."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"request body is not valid JSON: {err}", "malformed_json") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "request body must be a JSON object with a 'queries' list", "malformed_json")
+    queries = _parse_queries(payload.get("queries"), limits)
+    topk = _parse_topk(payload.get("topk"), limits, default_topk)
+    return_scores = payload.get("return_scores", False)
+    if not isinstance(return_scores, bool):
+        raise RequestError(400, "'return_scores' must be true or false", "bad_field")
+    return RetrieveRequest(queries, topk, return_scores)
+
+
+def _parse_queries(queries, limits: RequestLimits) -> list[str]:
+    if queries is None:
+        raise RequestError(400, "'queries' is missing: send {\"queries\": [\"...\"]}", "missing_queries")
+    if not isinstance(queries, list):
+        raise RequestError(400, f"'queries' must be a list of strings, got {type(queries).__name__}", "bad_field")
+    if not queries:
+        raise RequestError(400, "'queries' is empty", "missing_queries")
+    if len(queries) > limits.max_queries_per_request:
+        raise RequestError(400, f"too many queries: {len(queries)} > {limits.max_queries_per_request} per "
+                           "request", "too_many_queries")
+    for number, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise RequestError(400, f"queries[{number}] must be a string, got {type(query).__name__}", "bad_field")
+        if len(query) > limits.max_query_chars:
+            raise RequestError(400, f"queries[{number}] has {len(query)} characters; the limit is "
+                               f"{limits.max_query_chars}", "query_too_long")
+    return queries
+
+
+def _parse_topk(topk, limits: RequestLimits, default_topk: int) -> int:
+    if topk is None:
+        return default_topk
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)) or (isinstance(topk, float) and (
+            not math.isfinite(topk) or topk != int(topk))):
+        raise RequestError(400, f"'topk' must be an integer, got {topk!r}", "bad_field")
+    if not 1 <= int(topk) <= limits.max_topk:
+        raise RequestError(400, f"'topk' must be between 1 and {limits.max_topk}, got {int(topk)}", "bad_topk")
+    return int(topk)
+
+
+def format_results(documents: list[list[dict]], scores: list[list[float]], return_scores: bool) -> dict:
+    """The response body: one list per query, document objects with or without their scores."""
+    if return_scores:
+        return {"result": [[{"document": doc, "score": score} for doc, score in zip(docs, row)]
+                           for docs, row in zip(documents, scores)]}
+    return {"result": documents}
