@@ -88,6 +88,10 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
     return RetrievalService(index_dir, options, batching)
 
 
+def _stop_serving(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(args: argparse.Namespace) -> int:
     limits = RequestLimits(max_queries_per_request=args.max_queries_per_request, max_query_chars=args.max_query_chars,
                            max_topk=args.max_topk, max_body_bytes=args.max_body_bytes)
@@ -101,9 +105,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can query it", args.host)
     # Loading a large index takes minutes; /health answers (ready: false) meanwhile. A failed load ends serve.
-    signal.signal(signal.SIGTERM, lambda *_: _thread.interrupt_main())
+    # SIGINT may be ignored (a background job), so stopping goes through SIGTERM, whose handler raises.
+    signal.signal(signal.SIGTERM, _stop_serving)
     try:
-        service.load_in_background(on_failure=lambda err: _thread.interrupt_main())
+        service.load_in_background(on_failure=lambda err: _thread.interrupt_main(signal.SIGTERM))
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -126,14 +126,15 @@ class TorchExactSearcher:
         self._torch = torch
         self.devices = [torch.device(d) for d in devices]
         self.dtype = torch.float16 if self.devices[0].type == "cuda" else torch.float32
-        matrix = [np.asarray(s) for s in shards]
-        total = sum(len(s) for s in matrix)
+        shards = list(shards)
+        offsets = np.cumsum([0] + [len(s) for s in shards])
+        total = int(offsets[-1])
         bounds = np.linspace(0, total, len(self.devices) + 1).astype(np.int64)
-        full = np.concatenate(matrix, axis=0) if len(matrix) > 1 else matrix[0]
         self._blocks = []
+        # One device block at a time on the host: a 21M x 768 fp16 corpus never sits in RAM twice.
         for number, device in enumerate(self.devices):
-            block = torch.from_numpy(np.ascontiguousarray(full[bounds[number]:bounds[number + 1]]))
-            self._blocks.append((int(bounds[number]), block.to(device=device, dtype=self.dtype)))
+            host = _gather_rows(shards, offsets, int(bounds[number]), int(bounds[number + 1]))
+            self._blocks.append((int(bounds[number]), torch.from_numpy(host).to(device=device, dtype=self.dtype)))
         self.ntotal = int(total)
         self.device = self.devices[0].type
         logger.info("exact torch search over %d vectors on %s (%s)", total, devices, self.dtype)
@@ -149,8 +150,8 @@ class TorchExactSearcher:
             for offset, block in self._blocks:
                 queries = torch.from_numpy(np.ascontiguousarray(vectors)).to(block.device, self.dtype)
                 scores = queries @ block.T
-                top = torch.topk(scores.float(), min(k, block.shape[0]), dim=1)
-                all_scores.append(top.values.cpu())
+                top = torch.topk(scores, min(k, block.shape[0]), dim=1)
+                all_scores.append(top.values.float().cpu())
                 all_positions.append(top.indices.cpu() + offset)
         scores = torch.cat(all_scores, dim=1)
         positions = torch.cat(all_positions, dim=1)
@@ -160,6 +161,16 @@ class TorchExactSearcher:
         out_scores[:, :best.values.shape[1]] = best.values.numpy()
         out_positions[:, :best.values.shape[1]] = torch.gather(positions, 1, best.indices).numpy()
         return out_scores, out_positions
+
+
+def _gather_rows(shards: list[np.ndarray], offsets: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Rows ``[low, high)`` of the concatenated shards, copied into one writable array."""
+    parts = []
+    for shard, start in zip(shards, offsets[:-1]):
+        first, last = max(low, int(start)), min(high, int(start) + len(shard))
+        if first < last:
+            parts.append(shard[first - start:last - start])
+    return np.concatenate(parts) if parts else np.zeros((0, shards[0].shape[1]), dtype=shards[0].dtype)
 
 
 def cuda_devices() -> list[str]:

@@ -1,0 +1,112 @@
+"""The dynamic batcher around the real dense retriever of the demo index."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from retriever_server.backends import EmbeddingCache
+from retriever_server.batcher import BatcherStopped, BatchingConfig, DynamicBatcher
+from retriever_server.service import LoadOptions, RetrievalService
+
+
+class RecordingRetriever:
+    """Wraps the real retriever and records every batch it is asked to search."""
+
+    def __init__(self, inner, fail: bool = False):
+        self.inner, self.fail = inner, fail
+        self.calls: list[tuple[list[str], int]] = []
+        self.ntotal, self.description = inner.ntotal, inner.description
+
+    def search(self, queries, k):
+        self.calls.append((list(queries), k))
+        if self.fail:
+            raise RuntimeError("index unavailable")
+        return self.inner.search(queries, k)
+
+
+@pytest.fixture(scope="module")
+def dense_retriever(demo_index):
+    service = RetrievalService(demo_index, LoadOptions(), BatchingConfig())
+    service.load()
+    yield service.batcher.retriever
+    service.close()
+
+
+def _batcher(retriever, **config):
+    batcher = DynamicBatcher(retriever, BatchingConfig(**config), retriever.inner.metrics)
+    batcher.start()
+    return batcher
+
+
+def _concurrently(batcher, requests):
+    barrier = threading.Barrier(len(requests))
+
+    def run(request):
+        barrier.wait()
+        return batcher.search(*request)
+
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        return list(pool.map(run, requests))
+
+
+def test_concurrent_requests_share_batches_and_identical_queries_are_searched_once(dense_retriever):
+    recorder = RecordingRetriever(dense_retriever)
+    batcher = _batcher(recorder, max_wait_ms=50)
+    requests = [(["Who designed the Eiffel Tower?", f"river number {i}"], 3) for i in range(16)]
+    results = _concurrently(batcher, requests)
+    batcher.stop()
+    assert len(recorder.calls) < len(requests)
+    searched = [q for queries, _ in recorder.calls for q in queries]
+    assert len(searched) == len(set(searched))
+    assert searched.count("Who designed the Eiffel Tower?") == len(recorder.calls)
+    alone = dense_retriever.search(["Who designed the Eiffel Tower?"], 3)
+    for scores, positions in results:
+        assert scores.shape == positions.shape == (2, 3)
+        np.testing.assert_array_equal(positions[0], alone[1][0])
+
+
+def test_each_request_gets_its_own_topk_from_a_shared_search(dense_retriever):
+    recorder = RecordingRetriever(dense_retriever)
+    batcher = _batcher(recorder, max_wait_ms=50)
+    small, large = _concurrently(batcher, [(["the Nile"], 1), (["the Nile"], 5)])
+    batcher.stop()
+    assert small[1].shape == (1, 1) and large[1].shape == (1, 5)
+    assert small[1][0, 0] == large[1][0, 0]
+    assert max(k for _, k in recorder.calls) == 5
+
+
+def test_a_failing_search_fails_every_waiting_request_and_the_batcher_goes_on(dense_retriever):
+    recorder = RecordingRetriever(dense_retriever, fail=True)
+    batcher = _batcher(recorder, max_wait_ms=20)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(batcher.search, [f"q{i}"], 3) for i in range(4)]
+        errors = [f.exception(timeout=30) for f in futures]
+    assert all(isinstance(e, RuntimeError) and "index unavailable" in str(e) for e in errors)
+    recorder.fail = False
+    assert batcher.search(["the Nile"], 2)[1].shape == (1, 2)
+    batcher.stop()
+    with pytest.raises(BatcherStopped):
+        batcher.search(["late"], 3)
+
+
+def test_large_batches_are_capped(dense_retriever):
+    recorder = RecordingRetriever(dense_retriever)
+    batcher = _batcher(recorder, max_wait_ms=100, max_batch_queries=8)
+    _concurrently(batcher, [([f"topic {i}-{j}" for j in range(4)], 3) for i in range(6)])
+    batcher.stop()
+    assert all(len(queries) <= 8 for queries, _ in recorder.calls)
+    assert sum(len(queries) for queries, _ in recorder.calls) == 24
+
+
+def test_embedding_cache_is_least_recently_used():
+    cache = EmbeddingCache(capacity=2)
+    cache.put("a", np.ones(2))
+    cache.put("b", np.zeros(2))
+    assert cache.get("a") is not None
+    cache.put("c", np.ones(2))
+    assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2
+    disabled = EmbeddingCache(capacity=0)
+    disabled.put("a", np.ones(2))
+    assert disabled.get("a") is None
