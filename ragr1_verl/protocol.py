@@ -1,0 +1,248 @@
+"""The RAG-R1 tag protocol, as pure functions shared by the rollout, SFT data, evaluation and reward.
+
+The model reasons in ``<think>...</think>``, then either searches, ``<search> q1, q2, q3 </search>``, or
+answers, ``<answer> ... </answer>``. Search results come back between ``<information>`` and
+``</information>``. Nothing here imports verl or a tokenizer library: truncation takes any tokenizer with
+``encode``/``decode``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+INFORMATION_OPEN, INFORMATION_CLOSE = "<information>", "</information>"
+STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
+
+_ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_INFORMATION = re.compile(r"<information>.*?(?:</information>|$)", re.DOTALL)
+
+Mode = Literal["mq", "sq"]
+ObservationFormat = Literal["ragr1", "search_r1"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the model asked for in one turn.
+
+    ``end`` is the offset just past the closing tag in the turn's text, or -1 for an invalid action.
+    """
+
+    kind: Literal["search", "answer", "invalid"]
+    content: str = ""
+    end: int = -1
+
+
+def parse_action(text: str) -> Action:
+    """The first complete ``<search>...</search>`` or ``<answer>...</answer>`` of a turn, else invalid.
+
+    >>> parse_action("<think>hm</think><search> a, b </search> trailing")
+    Action(kind='search', content=' a, b ', end=40)
+    >>> parse_action("<answer>Paris").kind
+    'invalid'
+    """
+    match = _ACTION.search(text)
+    if match is None:
+        return Action("invalid")
+    return Action(match.group(1), match.group(2), match.end())  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class QueryRules:
+    """How a search's content becomes queries (config: ``ragr1.mode``, ``ragr1.query_separator``,
+    ``ragr1.max_queries_per_search``, ``ragr1.over_query_cap``)."""
+
+    mode: Mode = "mq"
+    separator: str = ","
+    max_queries: int = 3
+    over_cap: Literal["truncate", "invalid"] = "truncate"
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The queries of one search, with what was removed; ``error`` is set when the search is invalid."""
+
+    queries: tuple[str, ...]
+    duplicates_removed: int = 0
+    dropped_over_cap: int = 0
+    error: str | None = None
+
+
+def _json_list(content: str) -> list[str] | None:
+    stripped = content.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        return None
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
+def split_queries(content: str, rules: QueryRules = QueryRules()) -> Queries:
+    """Split a search's content into queries: strip, drop empties, deduplicate in order, apply the cap.
+
+    >>> split_queries(" Paris population, , Paris population,Berlin population ").queries
+    ('Paris population', 'Berlin population')
+    >>> split_queries('["a, b", "c"]').queries
+    ('a, b', 'c')
+    >>> split_queries("a, b", QueryRules(mode="sq")).queries
+    ('a, b',)
+    """
+    if rules.mode == "sq":
+        pieces = [content]
+    else:
+        listed = _json_list(content)
+        pieces = listed if listed is not None else content.split(rules.separator)
+    cleaned = [piece.strip() for piece in pieces if piece.strip()]
+    unique = list(dict.fromkeys(cleaned))
+    duplicates = len(cleaned) - len(unique)
+    if not unique:
+        return Queries((), duplicates, 0, "the search has no query")
+    if len(unique) <= rules.max_queries:
+        return Queries(tuple(unique), duplicates)
+    over = len(unique) - rules.max_queries
+    if rules.over_cap == "invalid":
+        return Queries((), duplicates, over, f"{len(unique)} queries in one search; at most {rules.max_queries}")
+    return Queries(tuple(unique[:rules.max_queries]), duplicates, over)
+
+
+def split_title(contents: str) -> tuple[str, str]:
+    """Title and text of a Search-R1 passage (``"Title"\\ntext``); no title when the first line is not one."""
+    first, _, rest = contents.partition("\n")
+    if rest and len(first) >= 2 and first.startswith('"') and first.endswith('"'):
+        return first[1:-1], rest
+    return "", contents
+
+
+def documents_text(documents: Sequence[dict], observation_format: ObservationFormat) -> str:
+    """One query's documents as the model sees them.
+
+    ``ragr1``: ``Doc 1: <contents>`` lines (the passage text as stored). ``search_r1``:
+    ``Doc 1 (Title: <title>) <text>`` lines.
+    """
+    lines = []
+    for number, document in enumerate(documents, start=1):
+        contents = str(document.get("contents", ""))
+        if observation_format == "search_r1":
+            title, text = split_title(contents)
+            lines.append(f"Doc {number} (Title: {title}) {text}")
+        else:
+            lines.append(f"Doc {number}: {contents}")
+    return "\n".join(lines).strip()
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def token_truncator(tokenizer: TokenizerLike, max_tokens: int) -> Callable[[str], str]:
+    """A function that cuts text to at most ``max_tokens`` tokens of the policy's tokenizer."""
+
+    def truncate(text: str) -> str:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= max_tokens:
+            return text
+        return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+
+    return truncate
+
+
+def _no_truncation(text: str) -> str:
+    return text
+
+
+def wrap_information(body: str) -> str:
+    return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"
+
+
+def render_observation(queries: Sequence[str], documents: Sequence[Sequence[dict]], *, mode: Mode = "mq",
+                       observation_format: ObservationFormat = "ragr1",
+                       truncate: Callable[[str], str] = _no_truncation) -> str:
+    """The ``<information>`` block for one search.
+
+    ``ragr1`` in mq mode is RAG-R1's JSON object ``{"query": [...], "documents": [...]}`` (indent 2,
+    ASCII-escaped as ``json.dumps`` does by default), one document string per query, each cut by
+    ``truncate`` (per query: ``max_obs_tokens_per_query``). In sq mode, and in the ``search_r1`` format, the
+    documents are plain lines, cut by ``truncate`` as a whole in sq mode and per query otherwise.
+    """
+    per_query = [documents_text(docs, observation_format) for docs in documents]
+    if observation_format == "ragr1" and mode == "mq":
+        body = json.dumps({"query": list(queries), "documents": [truncate(text) for text in per_query]}, indent=2)
+    elif mode == "sq":
+        body = truncate("\n".join(per_query))
+    else:
+        body = "\n\n".join(f"Results for: {query}\n{truncate(text)}" for query, text in zip(queries, per_query))
+    return wrap_information(body)
+
+
+INVALID_ACTION_REMINDER = (
+    "\nThat was neither a search nor an answer. To search, write the queries between <search> and "
+    "</search>; to finish, write the final answer between <answer> and </answer>.\n"
+)
+BUDGET_EXHAUSTED = wrap_information("The search budget is used up: no more results. Give the final answer now.")
+
+
+def retrieval_failed(reason: str) -> str:
+    """The observation when the retriever could not answer: the rollout goes on without results."""
+    return wrap_information(f"The search failed ({reason}). No results are available for this search.")
+
+
+def strip_information(text: str) -> str:
+    """The text without ``<information>`` blocks (an unclosed block runs to the end)."""
+    return _INFORMATION.sub(" ", text)
+
+
+def extract_answer(text: str) -> str | None:
+    """The last ``<answer>`` the model wrote, ignoring any inside retrieved ``<information>``; else None.
+
+    >>> extract_answer("<answer>Rome</answer><information><answer>x</answer></information><answer> Paris </answer>")
+    'Paris'
+    """
+    answers = _ANSWER.findall(strip_information(text))
+    return answers[-1].strip() if answers else None
+
+
+def normalize_question(question: str) -> str:
+    """Strip the question and end it with a question mark, as the paper's data preparation does."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
+
+
+MQ_PROMPT_TEMPLATE = (
+    "Answer the question below. Every time you receive new information, first reason about it inside "
+    "<think> and </think>. If you need knowledge you do not have, search for it: write one or more search "
+    "queries, separated by commas, between <search> and </search>, for example "
+    "<search> first query, second query </search>. You may use up to three queries in one search, and the "
+    "results for each query will come back between <information> and </information>. You can search as many "
+    "times as you need. Once you need nothing more, write the final answer between <answer> and </answer>, "
+    "without explanations, for example <answer> Beijing </answer>. Question: {question}\n"
+)
+SQ_PROMPT_TEMPLATE = (
+    "Answer the question below. Every time you receive new information, first reason about it inside "
+    "<think> and </think>. If you need knowledge you do not have, search for it: write a search query between "
+    "<search> and </search>, and the results will come back between <information> and </information>. You can "
+    "search as many times as you need. Once you need nothing more, write the final answer between <answer> and "
+    "</answer>, without explanations, for example <answer> Beijing </answer>. Question: {question}\n"
+)
+
+
+def render_prompt(question: str, template: str) -> str:
+    """The user message for a question; the template must contain ``{question}``."""
+    if "{question}" not in template:
+        raise ValueError("a prompt template needs a {question} placeholder")
+    return template.replace("{question}", normalize_question(question))
+
+
+def default_template(mode: Mode) -> str:
+    return MQ_PROMPT_TEMPLATE if mode == "mq" else SQ_PROMPT_TEMPLATE

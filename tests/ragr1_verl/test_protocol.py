@@ -1,0 +1,139 @@
+import doctest
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ragr1_verl import protocol
+from ragr1_verl.protocol import (BUDGET_EXHAUSTED, INVALID_ACTION_REMINDER, MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE,
+                                 Action, QueryRules, extract_answer, parse_action, render_observation,
+                                 render_prompt, retrieval_failed, split_queries, split_title, token_truncator)
+
+
+def test_doctests():
+    assert doctest.testmod(protocol).failed == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>x</think><search>q1, q2</search>", Action("search", "q1, q2", 39)),
+    ("<answer> Paris </answer><search>late</search>", Action("answer", " Paris ", 24)),
+    ("<search>a</search><answer>b</answer>", Action("search", "a", 18)),
+    ("no tags at all", Action("invalid")),
+    ("<search>unclosed", Action("invalid")),
+    ("<search>mismatched</answer>", Action("invalid")),
+    ("<search></search>", Action("search", "", 17)),
+    ("<search>multi\nline</search>", Action("search", "multi\nline", 27)),
+])
+def test_parse_action(text, expected):
+    assert parse_action(text) == expected
+    if expected.end > 0:
+        assert text[:expected.end].endswith(("</search>", "</answer>"))
+
+
+def test_split_queries_rules():
+    assert split_queries("a, b, a, c, d").queries == ("a", "b", "c")
+    truncated = split_queries("a, b, a, c, d")
+    assert (truncated.duplicates_removed, truncated.dropped_over_cap, truncated.error) == (1, 1, None)
+    invalid = split_queries("a, b, c, d", QueryRules(over_cap="invalid"))
+    assert invalid.queries == () and "at most 3" in invalid.error and invalid.dropped_over_cap == 1
+    assert split_queries("a ## b", QueryRules(separator="##")).queries == ("a", "b")
+    assert split_queries("Paris, Texas", QueryRules(mode="sq")).queries == ("Paris, Texas",)
+    assert split_queries(" , ,").error == "the search has no query"
+    assert split_queries("   ", QueryRules(mode="sq")).error == "the search has no query"
+    assert split_queries('["x", 1]').queries == ('["x"', "1]")  # not a list of strings: plain text
+    assert split_queries("a, b, c, d, e", QueryRules(max_queries=5)).queries == ("a", "b", "c", "d", "e")
+
+
+def test_ragr1_observation_is_ascii_escaped_json_with_one_string_per_query():
+    documents = [[{"id": "1", "contents": '"Caf\u00e9"\nA "quoted" place.'}, {"id": "2", "contents": "B"}],
+                 [{"id": "3", "contents": "C"}]]
+    observation = render_observation(["q1", "q2"], documents)
+    assert observation.startswith("\n<information>\n") and observation.endswith("\n</information>\n")
+    body = observation[len("\n<information>\n"):-len("\n</information>\n")]
+    assert "\\u00e9" in body and "\u00e9" not in body and '\\"quoted\\"' in body
+    assert body.startswith('{\n  "query": [\n    "q1",')
+    assert json.loads(body) == {"query": ["q1", "q2"],
+                                "documents": ['Doc 1: "Caf\u00e9"\nA "quoted" place.\nDoc 2: B', "Doc 1: C"]}
+
+
+def test_search_r1_observation_and_single_query_mode():
+    documents = [[{"contents": '"Nile"\nA river.'}, {"contents": "untitled"}]]
+    search_r1 = render_observation(["q"], documents, mode="sq", observation_format="search_r1")
+    assert search_r1 == "\n<information>\nDoc 1 (Title: Nile) A river.\nDoc 2 (Title: ) untitled\n</information>\n"
+    sq = render_observation(["q"], documents, mode="sq")
+    assert sq == '\n<information>\nDoc 1: "Nile"\nA river.\nDoc 2: untitled\n</information>\n'
+    two = render_observation(["a", "b"], [documents[0], []], observation_format="search_r1")
+    assert "Results for: a\nDoc 1 (Title: Nile)" in two and "Results for: b\n" in two
+
+
+class WordTokenizer:
+    """A whitespace tokenizer: enough to check that truncation counts policy tokens, not characters."""
+
+    def encode(self, text, add_special_tokens=False):
+        self.vocab = getattr(self, "vocab", {})
+        return [self.vocab.setdefault(word, len(self.vocab)) for word in text.split(" ")]
+
+    def decode(self, ids, skip_special_tokens=True):
+        words = {v: k for k, v in self.vocab.items()}
+        return " ".join(words[i] for i in ids)
+
+
+def test_truncation_is_per_query_in_tokens():
+    truncate = token_truncator(WordTokenizer(), max_tokens=4)
+    documents = [[{"contents": "one two three four five six"}], [{"contents": "short"}]]
+    body = json.loads(render_observation(["a", "b"], documents, truncate=truncate)[15:-16])
+    assert body["documents"] == ["Doc 1: one two", "Doc 1: short"]  # 4 words: "Doc", "1:", "one", "two"
+
+
+def test_split_title():
+    assert split_title('"Title"\ntext\nmore') == ("Title", "text\nmore")
+    assert split_title("Title   text") == ("", "Title   text")
+
+
+def test_answer_extraction_ignores_retrieved_text_and_takes_the_last():
+    response = ("<search>q</search>\n<information>\nDoc 1: <answer>Wrong</answer>\n</information>\n"
+                "<answer>first</answer> then <answer> Final One </answer>")
+    assert extract_answer(response) == "Final One"
+    assert extract_answer("<information><answer>x</answer>") is None
+    assert extract_answer("no answer") is None
+
+
+def test_prompts():
+    for template in (MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE):
+        prompt = render_prompt("  who wrote Dracula ", template)
+        assert prompt.endswith("Question: who wrote Dracula?\n")
+        assert "<search>" in prompt and "<answer>" in prompt and "<information>" in prompt
+    assert "up to three queries" in MQ_PROMPT_TEMPLATE and "commas" in MQ_PROMPT_TEMPLATE
+    with pytest.raises(ValueError, match="placeholder"):
+        render_prompt("q", "no placeholder")
+
+
+def test_environment_messages_are_well_formed():
+    assert "<search>" in INVALID_ACTION_REMINDER and "<answer>" in INVALID_ACTION_REMINDER
+    for message in (BUDGET_EXHAUSTED, retrieval_failed("connection refused")):
+        assert message.startswith("\n<information>\n") and message.endswith("</information>\n")
+        assert parse_action(message).kind == "invalid"
+
+
+_PIECES = st.sampled_from(["<search>", "</search>", "<answer>", "</answer>", "<think>", "</think>",
+                           "<information>", "</information>", "<search", "answer>", ",", "[", "]", '"',
+                           "\n", " ", "é", "\u4e2d", "\U0001f600", "\x00", "<<", ">>"])
+_TURNS = st.lists(st.one_of(_PIECES, st.text(max_size=8)), max_size=30).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_TURNS, st.sampled_from(["mq", "sq"]), st.sampled_from(["truncate", "invalid"]))
+def test_fuzzed_turns_always_give_a_defined_action(turn, mode, over_cap):
+    action = parse_action(turn)
+    assert action.kind in ("search", "answer", "invalid")
+    if action.kind == "invalid":
+        assert action.end == -1
+    else:
+        assert 0 < action.end <= len(turn) and turn[:action.end].endswith(f"</{action.kind}>")
+        queries = split_queries(action.content, QueryRules(mode=mode, over_cap=over_cap))
+        assert len(queries.queries) <= 3 and all(q == q.strip() and q for q in queries.queries)
+        assert len(set(queries.queries)) == len(queries.queries)
+        assert (queries.error is None) == bool(queries.queries)
+    extract_answer(turn)
+    render_observation(["q"], [[{"contents": turn}]])
