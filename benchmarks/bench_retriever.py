@@ -217,12 +217,15 @@ def _raw_batches(retriever, stream: QueryStream, size: int, seconds: float, topk
     _raw_search(retriever, stream.fresh(size), topk)  # warm-up: allocator and thread pools
     encode_s = search_s = 0.0
     batches = 0
+    own_cpu, machine_cpu = time.process_time(), machine_busy_seconds()
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         encode, search = _raw_search(retriever, stream.fresh(size), topk)
         encode_s, search_s, batches = encode_s + encode, search_s + search, batches + 1
     elapsed = time.perf_counter() - started
+    other = machine_busy_seconds() - machine_cpu - (time.process_time() - own_cpu)
     return {"batches": batches, "queries_per_s": batches * size / elapsed,
+            "other_cpu_cores": max(0.0, other) / elapsed,
             "encode_ms_per_batch": 1000 * encode_s / batches,
             "search_ms_per_batch": 1000 * search_s / batches}
 
@@ -379,20 +382,32 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process (and the hypervisor, as steal) used so far, over all cores (Linux /proc)."""
+    try:
+        ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def run_cell(spec: CellSpec) -> dict:
     """Warm up, then load the server for ``spec.seconds``; the raw client-side numbers and metric deltas."""
     stream = QueryStream(spec.next_fresh, spec.repeat_floor, spec.repeat_fraction, spec.seed)
     warm, _ = run_phase(spec, stream, spec.warmup_s)
     before, repeats = scrape_metrics(spec.url), stream.repeats
-    server_cpu, client_cpu = process_cpu_seconds(spec.server_pid), time.process_time()
+    server_cpu, client_cpu, machine_cpu = process_cpu_seconds(spec.server_pid), time.process_time(), \
+        machine_busy_seconds()
     tally, elapsed = run_phase(spec, stream, spec.seconds)
     server_cpu = process_cpu_seconds(spec.server_pid) - server_cpu
     client_cpu = time.process_time() - client_cpu
+    machine_cpu = machine_busy_seconds() - machine_cpu
     after = scrape_metrics(spec.url)
     return {"latencies": tally.latencies, "queries": tally.queries, "errors": tally.errors + warm.errors,
             "error_samples": warm.error_samples + tally.error_samples, "elapsed_s": elapsed,
-            "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "repeats": stream.repeats - repeats,
-            "next_fresh": stream.next_fresh,
+            "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "machine_cpu_s": machine_cpu,
+            "repeats": stream.repeats - repeats, "next_fresh": stream.next_fresh,
             "metrics": {name: after[name] - before.get(name, 0.0) for name in after}}
 
 
@@ -435,6 +450,8 @@ def summarize_cell(concurrency: int, per_request: int, raw: dict, client_mode: s
         / max(1.0, m.get("ragr1_retriever_queue_seconds_count", 0.0)),
         "server_cpu_cores": raw["server_cpu_s"] / elapsed,
         "client_cpu_cores": raw["client_cpu_s"] / elapsed if client_mode == "process" else None,
+        "other_cpu_cores": max(0.0, raw["machine_cpu_s"] - raw["server_cpu_s"]
+                               - (raw["client_cpu_s"] if client_mode == "process" else 0.0)) / elapsed,
     }
 
 
@@ -545,7 +562,7 @@ def print_raw(raw: dict) -> None:
     for size, row in raw["per_batch"].items():
         print(f"  batch {size:>4}: {row['queries_per_s']:7.0f} queries/s "
               f"(encode {row['encode_ms_per_batch']:.1f} ms + search {row['search_ms_per_batch']:.1f} ms "
-              f"per batch, {row['batches']} batches)")
+              f"per batch, {row['batches']} batches; other processes {row['other_cpu_cores']:.2f} cores)")
 
 
 def print_header(machine: dict, results: dict, args: argparse.Namespace) -> None:
@@ -571,7 +588,7 @@ def print_header(machine: dict, results: dict, args: argparse.Namespace) -> None
 
 def print_table(rows: list[dict]) -> None:
     head = ["conc", "q/req", "req/s", "q/s", "% raw", "p50 ms", "p99 ms", "errors", "avg batch", "cache hit",
-            "encoded q/s", "batcher busy", "server CPU", "client CPU"]
+            "encoded q/s", "batcher busy", "server CPU", "client CPU", "other CPU"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---:" for _ in head) + "|")
     for r in rows:
@@ -581,12 +598,18 @@ def print_table(rows: list[dict]) -> None:
                  f"{r['p99_ms']:.1f}", r["errors"],
                  f"{r['avg_batch_queries']:.1f}", f"{100 * r['cache_hit_rate']:.0f}%",
                  f"{r['encoded_per_s']:.0f} ({100 * r['encoded_raw_fraction']:.0f}%)",
-                 f"{100 * r['batcher_busy']:.0f}%", f"{r['server_cpu_cores']:.2f}", client_cpu]
+                 f"{100 * r['batcher_busy']:.0f}%", f"{r['server_cpu_cores']:.2f}", client_cpu,
+                 f"{r['other_cpu_cores']:.2f}"]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print("\nq/s = queries/s answered; % raw = q/s / raw limit (can pass 100%: the raw limit encodes every "
           "query, the server takes repeats from its cache); avg batch = distinct queries per batch; "
           "encoded q/s = cache misses/s, i.e. queries the encoder ran (% of the raw limit); batcher busy = "
-          "encode+search seconds / wall seconds; CPU in cores (1.00 = one core busy).")
+          "encode+search seconds / wall seconds; CPU in cores (1.00 = one core busy); other CPU = what other "
+          "processes on the machine took meanwhile (should be ~0).")
+    noisy = max((r["other_cpu_cores"] for r in rows), default=0.0)
+    if noisy > 0.15:
+        print(f"\nWARNING: other processes used up to {noisy:.2f} cores during the run; the numbers are "
+              "unreliable, rerun on a quiet machine.")
 
 
 # ---------------------------------------------------------------------------------------------------------
