@@ -3,7 +3,7 @@
 What it measures
 ----------------
 The time the agent loop itself spends per generation round: decoding the generated tokens, parsing the
-action, splitting the queries, rendering the ``<information>`` block (with per-query token truncation),
+action, splitting the queries, laying out the ``<information>`` block, tokenizing it once (with the per-query budget check),
 tokenizing it, and the bookkeeping around it. Per trajectory::
 
     overhead per turn = (wall time of run() - time inside generate() - time inside retrieval) / rounds
@@ -33,7 +33,7 @@ Setup
 - Each concurrency level (``--concurrency``, default 1, 16, 64 trajectories in flight) runs
   ``--trajectories`` trajectories ``--repeats`` times after one unmeasured warm-up pass.
 
-A breakdown of the loop's own time (decode, action parsing, observation rendering with truncation,
+A breakdown of the loop's own time (decode, action parsing, observation layout, observation tokenization,
 observation tokenization, prompt build) comes from one extra instrumented pass at concurrency 1; ``--profile``
 adds a cProfile run of the concurrency-1 case and prints the 15 functions with the most cumulative time
 (the event loop's own frames left out).
@@ -427,7 +427,8 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 BREAKDOWN_PARTS = ("decode generated tokens", "parse action + split queries",
-                   "render observation (+ per-query truncation)", "tokenize observation")
+                   "lay out observation (text + unit ranges)", "tokenize observation + per-query budget check",
+                   "other encodes (reminders, failures)")
 
 
 async def breakdown(harness: Harness, count: int) -> dict:
@@ -451,8 +452,9 @@ async def breakdown(harness: Harness, count: int) -> dict:
     patches = [(state, "decode", BREAKDOWN_PARTS[0]),
                (protocol, "parse_action", BREAKDOWN_PARTS[1]),
                (protocol, "split_queries", BREAKDOWN_PARTS[1]),
-               (protocol, "render_observation", BREAKDOWN_PARTS[2]),
-               (state, "encode", BREAKDOWN_PARTS[3])]
+               (protocol, "layout_observation", BREAKDOWN_PARTS[2]),
+               (state, "encode_observation", BREAKDOWN_PARTS[3]),
+               (state, "encode", BREAKDOWN_PARTS[4])]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, part in patches:
         setattr(owner, name, timed(getattr(owner, name), part))
@@ -461,6 +463,8 @@ async def breakdown(harness: Harness, count: int) -> dict:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
+    # encode_observation calls layout_observation (and encode, after a cut): count each second once
+    spent[BREAKDOWN_PARTS[3]] -= spent[BREAKDOWN_PARTS[2]] + spent[BREAKDOWN_PARTS[4]]
     rounds = sum(t.rounds for t in timings)
     overhead = sum(t.overhead_s for t in timings)
     prompt = sum(t.prompt_s for t in timings)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from uuid import uuid4
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
@@ -91,7 +92,7 @@ class _Response:
 class _TokenizerState:
     """What the loop needs from one tokenizer, computed once per worker process."""
 
-    _by_tokenizer: dict[int, _TokenizerState] = {}
+    _by_tokenizer: ClassVar[dict[int, _TokenizerState]] = {}
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -115,21 +116,29 @@ class _TokenizerState:
             return self.backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def truncator(self, max_tokens: int) -> Callable[[str], str]:
-        """Cut text to ``max_tokens`` policy tokens, as a prefix of the text (character offsets, no decode)."""
-        backend = self.backend
-        if backend is None:
-            return protocol.token_truncator(self.tokenizer, max_tokens)
+    def encode_observation(self, queries: Sequence[str], documents: Sequence[Sequence[dict]], *,
+                           mode: protocol.Mode, observation_format: protocol.ObservationFormat,
+                           max_tokens_per_unit: int) -> list[int]:
+        """The tokens of one search's ``<information>`` block, each query's documents cut to a token budget.
 
-        def truncate(text: str) -> str:
-            if len(text) <= max_tokens:  # every token covers at least one character
-                return text
-            encoding = backend.encode(text, add_special_tokens=False)
-            if len(encoding.ids) <= max_tokens:
-                return text
-            return text[:encoding.offsets[max_tokens - 1][1]]
-
-        return truncate
+        The budget counts a unit's tokens as they stand in the observation (after JSON escaping). The block is
+        encoded once; only when a unit is over budget is it cut at the offset of its last allowed token and
+        the block encoded again. (A slow tokenizer, without offsets, cuts each unit's raw text instead.)
+        """
+        units = protocol.document_units(documents, mode, observation_format)
+        layout_options = {"mode": mode, "observation_format": observation_format}
+        if self.backend is None:
+            truncate = protocol.token_truncator(self.tokenizer, max_tokens_per_unit)
+            return self.encode(protocol.layout_observation(queries, [truncate(unit) for unit in units],
+                                                           **layout_options).text)
+        layout = protocol.layout_observation(queries, units, **layout_options)
+        encoding = self.backend.encode(layout.text, add_special_tokens=False)
+        cuts = _cuts_over_budget(layout.spans, encoding.offsets, max_tokens_per_unit)
+        if not cuts:
+            return encoding.ids
+        units = [protocol.unit_prefix(unit, cuts[index], layout.json_escaped) if index in cuts else unit
+                 for index, unit in enumerate(units)]
+        return self.encode(protocol.layout_observation(queries, units, **layout_options).text)
 
     def encode_fixed(self, text: str) -> list[int]:
         """Encodings of the loop's fixed messages (reminders), cached."""
@@ -137,6 +146,19 @@ class _TokenizerState:
         if ids is None:
             ids = self._encoded[text] = self.encode(text)
         return ids
+
+
+def _cuts_over_budget(spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]],
+                      budget: int) -> dict[int, int]:
+    """For each span holding more than ``budget`` tokens: its index -> characters kept (through the last
+    allowed token). A token belongs to the span its first character is in."""
+    starts = [start for start, _ in offsets]
+    cuts = {}
+    for index, (begin, end) in enumerate(spans):
+        first, stop = bisect_left(starts, begin), bisect_left(starts, end)
+        if stop - first > budget:
+            cuts[index] = offsets[first + budget - 1][1] - begin
+    return cuts
 
 
 _CONFIGS: dict[int, tuple[Any, RagR1Config, str | None]] = {}
@@ -173,7 +195,6 @@ class RagR1AgentLoop(AgentLoopBase):
         self.tokens = _TokenizerState.of(self.tokenizer)
         self.response_length = int(self.rollout_config.response_length)
         self.client = shared_client(self.settings.retriever)
-        self._truncate_query_docs = self.tokens.truncator(self.settings.max_obs_tokens_per_query)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         messages = self._prompt_messages(kwargs.get("raw_prompt"), kwargs.get("extra_info"))
@@ -271,10 +292,9 @@ class RagR1AgentLoop(AgentLoopBase):
             stats.retrieval_failures += 1
             logger.warning("retrieval failed, the rollout goes on without results: %s", result.error)
             return self.tokens.encode(protocol.retrieval_failed(result.error or "unknown error"))
-        text = protocol.render_observation(queries.queries, result.documents, mode=self.settings.mode,
-                                           observation_format=self.settings.observation_format,
-                                           truncate=self._truncate_query_docs)
-        return self.tokens.encode(text)
+        return self.tokens.encode_observation(queries.queries, result.documents, mode=self.settings.mode,
+                                              observation_format=self.settings.observation_format,
+                                              max_tokens_per_unit=self.settings.max_obs_tokens_per_query)
 
     def _prompt_messages(self, raw_prompt: Any, extra_info: Any) -> list[dict[str, Any]]:
         """The dataset's chat messages; with ``ragr1.prompt_template`` set, the last user message is re-rendered

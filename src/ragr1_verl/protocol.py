@@ -219,14 +219,106 @@ def observation_body(queries: Sequence[str], documents: Sequence[Sequence[dict]]
     ``truncate`` (per query: ``max_obs_tokens_per_query``). In sq mode, and in the ``search_r1`` format, the
     documents are plain lines, cut by ``truncate`` as a whole in sq mode and per query otherwise.
     """
+    units = [truncate(unit) for unit in document_units(documents, mode, observation_format)]
+    return _layout_body(queries, units, mode, observation_format).text
+
+
+def document_units(documents: Sequence[Sequence[dict]], mode: Mode, observation_format: ObservationFormat) -> list[str]:
+    """The texts that ``max_obs_tokens_per_query`` cuts: one per query, or all documents as one in sq mode."""
     per_query = [documents_text(docs, observation_format) for docs in documents]
+    return ["\n".join(per_query)] if mode == "sq" else per_query
+
+
+@dataclass(frozen=True)
+class ObservationLayout:
+    """Observation text and the character range ``[start, end)`` of each document unit in it.
+
+    With ``json_escaped`` the ranges hold the units as JSON string contents (``\\n``, ``\\u00e9``, ...).
+    """
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    json_escaped: bool
+
+
+class _LayoutBuilder:
+    def __init__(self, offset: int = 0):
+        self.pieces: list[str] = []
+        self.spans: list[tuple[int, int]] = []
+        self.position = offset
+
+    def add(self, text: str, *, unit: bool = False) -> None:
+        if unit:
+            self.spans.append((self.position, self.position + len(text)))
+        self.pieces.append(text)
+        self.position += len(text)
+
+
+def _indented_json_list(items: Sequence[str], builder: _LayoutBuilder, *, units: bool) -> None:
+    """A list of strings exactly as ``json.dumps(..., indent=2)`` writes it at the second level."""
+    if not items:
+        builder.add("[]")
+        return
+    for number, item in enumerate(items):
+        builder.add("[\n    \"" if number == 0 else "\",\n    \"")
+        builder.add(json.dumps(item)[1:-1], unit=units)
+    builder.add("\"\n  ]")
+
+
+def _layout_body(queries: Sequence[str], units: Sequence[str], mode: Mode,
+                 observation_format: ObservationFormat, offset: int = 0) -> ObservationLayout:
+    builder = _LayoutBuilder(offset)
     if observation_format == "ragr1" and mode == "mq":
-        body = json.dumps({"query": list(queries), "documents": [truncate(text) for text in per_query]}, indent=2)
+        builder.add('{\n  "query": ')
+        _indented_json_list(queries, builder, units=False)
+        builder.add(',\n  "documents": ')
+        _indented_json_list(units, builder, units=True)
+        builder.add("\n}")
     elif mode == "sq":
-        body = truncate("\n".join(per_query))
+        builder.add(units[0], unit=True)
     else:
-        body = "\n\n".join(f"Results for: {query}\n{truncate(text)}" for query, text in zip(queries, per_query))
-    return body
+        for number, (query, unit) in enumerate(zip(queries, units, strict=True)):
+            builder.add(f"{chr(10) * 2 if number else ''}Results for: {query}\n")
+            builder.add(unit, unit=True)
+    json_escaped = observation_format == "ragr1" and mode == "mq"
+    return ObservationLayout("".join(builder.pieces), tuple(builder.spans), json_escaped)
+
+
+def layout_observation(queries: Sequence[str], units: Sequence[str], *, mode: Mode = "mq",
+                       observation_format: ObservationFormat = "ragr1") -> ObservationLayout:
+    """The ``<information>`` block built from :func:`document_units` (already cut), with each unit's range.
+
+    The rollout encodes this once and counts each unit's tokens from the tokenizer's offsets, so that the
+    per-query cap costs no extra tokenizer pass.
+    """
+    prefix = wrap_information("")[: len(INFORMATION_OPEN) + 2]
+    body = _layout_body(queries, units, mode, observation_format, offset=len(prefix))
+    return ObservationLayout(wrap_information(body.text), body.spans, body.json_escaped)
+
+
+_SHORT_JSON_ESCAPES = frozenset('"\\\n\r\t\b\f')
+
+
+def _json_escaped_length(char: str) -> int:
+    """Characters ``json.dumps`` (ASCII-escaping) writes for one character inside a string."""
+    if char in _SHORT_JSON_ESCAPES:
+        return 2
+    code = ord(char)
+    if 0x20 <= code <= 0x7E:
+        return 1
+    return 12 if code > 0xFFFF else 6  # astral characters become a surrogate pair
+
+
+def unit_prefix(unit: str, rendered_chars: int, json_escaped: bool) -> str:
+    """The longest prefix of ``unit`` that takes at most ``rendered_chars`` characters in the observation."""
+    if not json_escaped:
+        return unit[:rendered_chars]
+    used = 0
+    for index, char in enumerate(unit):
+        used += _json_escaped_length(char)
+        if used > rendered_chars:
+            return unit[:index]
+    return unit
 
 
 INVALID_ACTION_REMINDER = (

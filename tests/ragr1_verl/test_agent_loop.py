@@ -57,7 +57,7 @@ def test_logprobs_align_with_tokens_and_are_zero_on_observations(tiny_model_dir,
     _, _, [row] = rollout(tiny_model_dir, retriever, [SEARCH_3, ANSWER])
 
     assert len(row.logprobs) == len(row.response_ids) == len(row.response_mask)
-    for token, mask, logprob in zip(row.response_ids, row.response_mask, row.logprobs):
+    for token, mask, logprob in zip(row.response_ids, row.response_mask, row.logprobs, strict=True):
         assert logprob == pytest.approx(fake_logprob(token) if mask else 0.0)
 
 
@@ -212,7 +212,20 @@ def test_each_querys_documents_are_cut_to_max_obs_tokens_per_query(tiny_model_di
                                   ragr1=settings(retriever, max_obs_tokens_per_query=12))
 
     documents = information_json(tokenizer, row.spans()[1][1])["documents"]
-    for query, text in zip(["Eiffel Tower", "Paris"], documents):
+    for query, text in zip(["Eiffel Tower", "Paris"], documents, strict=True):
         full = "\n".join(f"Doc {rank}: {doc['contents']}" for rank, doc in enumerate(fake_documents(query, 3), 1))
         assert full.startswith(text) and len(text) < len(full)  # a prefix of the documents, cut short
-        assert len(tokenizer.encode(text, add_special_tokens=False)) <= 12
+        # the budget counts the tokens the model sees: the text as escaped inside the JSON observation
+        assert len(tokenizer.encode(json.dumps(text)[1:-1], add_special_tokens=False)) <= 12
+
+
+def test_in_single_query_mode_the_whole_observation_is_cut_to_the_budget(tiny_model_dir, retriever):
+    turns = ["<search> Eiffel Tower </search>", ANSWER]
+    tokenizer, _, [row] = rollout(tiny_model_dir, retriever, turns,
+                                  ragr1=settings(retriever, mode="sq", max_obs_tokens_per_query=10))
+
+    body = tokenizer.decode(row.spans()[1][1]).removeprefix(f"\n{INFORMATION_OPEN}\n")
+    body = body.removesuffix(f"\n{INFORMATION_CLOSE}\n")
+    full = "\n".join(f"Doc {rank}: {doc['contents']}" for rank, doc in enumerate(fake_documents("Eiffel Tower", 3), 1))
+    assert full.startswith(body) and len(body) < len(full)
+    assert len(tokenizer.encode(body, add_special_tokens=False)) <= 10

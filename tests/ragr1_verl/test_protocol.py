@@ -165,3 +165,36 @@ def test_fuzzed_token_streams_are_cut_right_after_the_first_stop_string(tokens):
     else:
         assert text.startswith(kept) and len(kept) >= first_stop  # the stop string is kept
         assert not any(stop in "".join(tokens[:keep - 1]) for stop in STOP_STRINGS)  # and is the last thing
+
+
+_DOC_TEXT = st.lists(st.one_of(_PIECES, st.text(max_size=6)), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_DOC_TEXT, st.lists(_DOC_TEXT, max_size=3)), max_size=3),
+       st.sampled_from(["mq", "sq"]), st.sampled_from(["ragr1", "search_r1"]))
+def test_the_observation_layout_is_the_rendered_observation_with_each_unit_located(searches, mode, fmt):
+    queries = [query for query, _ in searches] if mode == "mq" else ["q"]
+    documents = [[{"contents": text} for text in docs] for _, docs in searches] if mode == "mq" else \
+        [[{"contents": text} for _, docs in searches for text in docs]]
+    units = protocol.document_units(documents, mode, fmt)
+    layout = protocol.layout_observation(queries, units, mode=mode, observation_format=fmt)
+
+    assert layout.text == render_observation(queries, documents, mode=mode, observation_format=fmt)
+    assert len(layout.spans) == len(units)
+    for (start, end), unit in zip(layout.spans, units, strict=True):
+        assert layout.text[start:end] == (json.dumps(unit)[1:-1] if layout.json_escaped else unit)
+    if fmt == "ragr1" and mode == "mq":  # byte for byte what json.dumps writes
+        body = {"query": queries, "documents": units}
+        assert layout.text == protocol.wrap_information(json.dumps(body, indent=2))
+
+
+@settings(max_examples=500, deadline=None)
+@given(_DOC_TEXT, st.integers(min_value=0, max_value=80))
+def test_unit_prefix_is_the_longest_prefix_whose_escaped_form_fits(unit, rendered_chars):
+    prefix = protocol.unit_prefix(unit, rendered_chars, json_escaped=True)
+    assert unit.startswith(prefix)
+    assert len(json.dumps(prefix)) - 2 <= rendered_chars
+    if prefix != unit:
+        assert len(json.dumps(unit[:len(prefix) + 1])) - 2 > rendered_chars
+    assert protocol.unit_prefix(unit, rendered_chars, json_escaped=False) == unit[:rendered_chars]
