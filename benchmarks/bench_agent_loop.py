@@ -3,8 +3,8 @@
 What it measures
 ----------------
 The time the agent loop itself spends per generation round: decoding the generated tokens, parsing the
-action, splitting the queries, laying out the ``<information>`` block, tokenizing it once (with the per-query budget check),
-tokenizing it, and the bookkeeping around it. Per trajectory::
+action, splitting the queries, laying out the ``<information>`` block, tokenizing it once (with the
+per-query budget check), and the bookkeeping around it. Per trajectory::
 
     overhead per turn = (wall time of run() - time inside generate() - time inside retrieval) / rounds
 
@@ -34,7 +34,7 @@ Setup
   ``--trajectories`` trajectories ``--repeats`` times after one unmeasured warm-up pass.
 
 A breakdown of the loop's own time (decode, action parsing, observation layout, observation tokenization,
-observation tokenization, prompt build) comes from one extra instrumented pass at concurrency 1; ``--profile``
+prompt build) comes from one extra instrumented pass at concurrency 1; ``--profile``
 adds a cProfile run of the concurrency-1 case and prints the 15 functions with the most cumulative time
 (the event loop's own frames left out).
 
@@ -427,7 +427,8 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 BREAKDOWN_PARTS = ("decode generated tokens", "parse action + split queries",
-                   "lay out observation (text + unit ranges)", "tokenize observation + per-query budget check",
+                   "lay out observation (text + unit ranges)",
+                   "tokenize observation + per-query budget check",
                    "other encodes (reminders, failures)")
 
 
