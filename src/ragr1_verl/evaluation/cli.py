@@ -1,0 +1,228 @@
+"""``ragr1-eval``: evaluate a checkpoint with the training rollout on evaluation parquet files.
+
+Writes into ``--out``: ``results.jsonl`` (one line per question: the full trajectory, answer, EM/F1,
+searches, queries, seconds), ``summary.md`` / ``summary.json`` (per benchmark: EM, F1, retrieval rounds,
+queries per search, seconds per question), ``em_per_benchmark.png`` and ``retrieval_rounds.png``, and
+``run.json`` (the settings). A rerun with the same settings resumes; ``--compare OTHER_RUN`` adds
+``comparison.md`` / ``comparison.json`` / ``comparison.png`` (the two runs side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ragr1_verl.data.io import DataError
+from ragr1_verl.evaluation import report
+from ragr1_verl.evaluation.runner import (
+    RESULTS_FILE,
+    EvalSettings,
+    Evaluator,
+    finished_ids,
+    load_questions,
+    settings_record,
+    trainer_config,
+)
+
+logger = logging.getLogger("ragr1_verl.evaluation")
+
+RUN_FILE = "run.json"
+SMOLLM2 = "smollm2"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragr1-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", nargs="+", metavar="PARQUET", help="evaluation files (ragr1-data eval)")
+    parser.add_argument("--demo", action="store_true",
+                        help="evaluate on the bundled demo questions with the demo retriever started in-process "
+                             "(needs the retriever extra); --data and --retriever-url are then not needed")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (created; resumed if present)")
+    backend = parser.add_argument_group("generation")
+    backend.add_argument("--backend", choices=("transformers", "openai"), default="transformers")
+    backend.add_argument("--model", default="smollm2",
+                         help="model folder (transformers), or the tokenizer folder of the served model (openai); "
+                              "'smollm2' is the offline SmolLM2-135M-Instruct")
+    backend.add_argument("--server-url", help="openai: base URL of a vLLM/SGLang server, e.g. http://host:8000")
+    backend.add_argument("--served-model-name", help="openai: the server's model name (default: --model)")
+    backend.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="openai: bearer token")
+    backend.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:1, or auto")
+    backend.add_argument("--concurrency", type=int,
+                         help="questions in flight (default: 32 for openai; 1 for transformers, which generates "
+                              "one sequence at a time, so that seconds per question are not queueing time)")
+    backend.add_argument("--temperature", type=float, default=0.7, help="paper: 0.7")
+    backend.add_argument("--top-p", type=float, default=1.0)
+    backend.add_argument("--greedy", action="store_true", help="temperature 0")
+    backend.add_argument("--seed", type=int, default=0, help="transformers: torch seed for sampling")
+    backend.add_argument("--max-prompt-tokens", type=int, default=2048)
+    backend.add_argument("--max-response-tokens", type=int, default=6144)
+    _add_rollout_arguments(parser)
+    parser.add_argument("--limit", type=int, help="evaluate the first N questions of each file")
+    parser.add_argument("--overwrite", action="store_true", help="discard previous results in --out")
+    parser.add_argument("--compare", type=Path, metavar="RUN_DIR", help="another run to put side by side")
+    parser.add_argument("--labels", nargs=2, metavar=("OTHER", "THIS"), help="names of --compare and --out")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
+    rollout = parser.add_argument_group("rollout (the ragr1 section; see the README's configuration reference)")
+    rollout.add_argument("--retriever-url", default=os.environ.get("RAGR1_RETRIEVER_URL",
+                                                                   "http://127.0.0.1:8000/retrieve"))
+    rollout.add_argument("--retriever-token", default=os.environ.get("RAGR1_RETRIEVER_TOKEN"))
+    rollout.add_argument("--mode", choices=("mq", "sq"), default="mq")
+    rollout.add_argument("--max-turns", type=int, default=5, help="searches allowed (paper: 5 at evaluation)")
+    rollout.add_argument("--topk", type=int, default=3)
+    rollout.add_argument("--prompt-template", help="mq, sq, a template with {question}, or a file "
+                                                   "(default: the prompt stored in the data)")
+    rollout.add_argument("--max-obs-tokens-per-query", type=int, default=1000)
+    rollout.add_argument("--max-tokens-per-turn", type=int, default=500)
+
+
+def settings_from(args: argparse.Namespace) -> EvalSettings:
+    ragr1: dict[str, Any] = {
+        "retriever": {"url": args.retriever_url, "token": args.retriever_token},
+        "mode": args.mode, "max_turns": args.max_turns, "topk": args.topk,
+        "max_obs_tokens_per_query": args.max_obs_tokens_per_query, "max_tokens_per_turn": args.max_tokens_per_turn,
+    }
+    if args.prompt_template:
+        ragr1["prompt_template"] = args.prompt_template
+    concurrency = args.concurrency or (32 if args.backend == "openai" else 1)
+    return EvalSettings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
+                        max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
+                        concurrency=concurrency, ragr1=ragr1)
+
+
+def _run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
+    """The settings a resumed run must share with the first (the retriever token is left out)."""
+    record = settings_record(settings, backend=args.backend, model=str(args.model),
+                             served_model_name=args.served_model_name, data=[str(p) for p in args.data],
+                             limit=args.limit, seed=args.seed)
+    record["ragr1"] = {**record["ragr1"], "retriever": {"url": "demo" if args.demo else args.retriever_url}}
+    del record["concurrency"]  # may change between a run and its resumption
+    return record
+
+
+def _prepare_out(args: argparse.Namespace, identity: dict[str, Any]) -> None:
+    if args.overwrite and args.out.exists():
+        for name in (RESULTS_FILE, RUN_FILE):
+            (args.out / name).unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_file = args.out / RUN_FILE
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        changed = sorted(key for key in identity.keys() | previous.keys() if identity.get(key) != previous.get(key))
+        if changed:
+            raise DataError(f"{run_file}: this run used other settings ({', '.join(changed)}); use another --out "
+                            "or --overwrite")
+    else:
+        run_file.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A model folder; ``smollm2`` is the offline SmolLM2-135M-Instruct, converted once into the cache."""
+    if name_or_path == SMOLLM2:
+        from ragr1_verl.cpu.assets import ensure_demo_model
+
+        return ensure_demo_model()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise DataError(f"--model {name_or_path}: no such folder (or {SMOLLM2!r} for the offline demo model)")
+    return path
+
+
+def _load_backend(args: argparse.Namespace):
+    """(model folder, tokenizer, backend)."""
+    from transformers import AutoTokenizer
+
+    from ragr1_verl.evaluation.backends import OpenAIBackend, TransformersBackend
+
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if args.backend == "openai":
+        if not args.server_url:
+            raise DataError("--backend openai needs --server-url")
+        name = args.served_model_name or str(args.model)
+        return model_dir, tokenizer, OpenAIBackend(args.server_url, name, tokenizer, api_key=args.api_key)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    # bf16 matmuls are slow on most CPUs: float32 there, the checkpoint's own dtype on GPUs
+    dtype = torch.float32 if device == "cpu" else "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model_dir, tokenizer, TransformersBackend(model, tokenizer)
+
+
+async def _evaluate(args: argparse.Namespace, settings: EvalSettings) -> None:
+    from tqdm import tqdm
+
+    from ragr1_verl.retrieval_client import close_shared_clients
+
+    questions = load_questions(args.data, args.limit)
+    done = finished_ids(args.out / RESULTS_FILE)
+    todo = [question for question in questions if question.id not in done]
+    logger.info("%d questions, %d already done, %d to run", len(questions), len(questions) - len(todo), len(todo))
+    if not todo:
+        return
+    model_dir, tokenizer, backend = _load_backend(args)
+    evaluator = Evaluator(trainer_config(model_dir, settings), tokenizer, backend, settings,
+                          args.out / RESULTS_FILE)
+    try:
+        with tqdm(total=len(todo), desc="questions", unit="q", file=sys.stderr) as progress:
+            await evaluator.run(todo, progress)
+    finally:
+        await backend.close()
+        await close_shared_clients()
+
+
+def _run(args: argparse.Namespace) -> None:
+    settings = settings_from(args)
+    _prepare_out(args, _run_identity(args, settings))
+    asyncio.run(_evaluate(args, settings))
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from ragr1_verl.evaluation.demo import demo_data, demo_retriever
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.data = [str(demo_data(args.out))]
+    with demo_retriever() as url:
+        args.retriever_url = url
+        _run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        if args.demo:
+            _run_demo(args)
+        elif args.data:
+            _run(args)
+        elif not args.compare:
+            raise DataError("nothing to do: give --data to evaluate, or --compare to compare runs")
+        rows = report.write_summary(args.out, report.read_results(args.out))
+        logger.info("%s\n\n%s", args.out, report.markdown_table(rows))
+        if args.compare:
+            other = report.summarize(report.read_results(args.compare))
+            labels = args.labels or (args.compare.name, args.out.name)
+            table = report.write_comparison(args.out, labels[0], other, labels[1], rows)
+            logger.info("\n%s vs %s\n\n%s", labels[0], labels[1], table)
+    except (DataError, FileNotFoundError) as error:
+        logger.error("error: %s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,56 @@
+"""The generation backends of ``ragr1-eval``: token ids out, as the agent loop expects them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ragr1_verl.evaluation.backends import TransformersBackend, completion_ids
+
+
+class CharTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(char) for char in text]
+
+
+def test_completion_ids_prefer_the_servers_token_ids():
+    assert completion_ids({"text": "ignored", "token_ids": [5, 6]}, CharTokenizer(), ()) == [5, 6]
+    logprob_tokens = {"text": "x", "logprobs": {"tokens": ["token_id:7", "token_id:8"]}}
+    assert completion_ids(logprob_tokens, CharTokenizer(), ()) == [7, 8]
+
+
+def test_completion_ids_restore_a_stop_string_the_server_cut():
+    choice = {"text": "<search> a, b ", "stop_reason": "</search>"}
+    assert completion_ids(choice, CharTokenizer(), ("</search>",)) == CharTokenizer().encode("<search> a, b </search>")
+    # a stop reason that is not one of ours (e.g. an EOS id) adds nothing
+    assert completion_ids({"text": "done", "stop_reason": 2}, CharTokenizer(), ("</search>",)) == CharTokenizer().encode("done")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_transformers_greedy_ids_and_logprobs_match_a_forward_pass(tiny_model):
+    import torch
+
+    model, tokenizer = tiny_model
+    prompt = tokenizer.encode("Question: where is the Eiffel Tower?", add_special_tokens=False)
+    output = asyncio.run(TransformersBackend(model, tokenizer).generate(
+        "r", prompt_ids=prompt, sampling_params={"max_tokens": 6, "temperature": 0.0}))
+
+    ids = list(prompt)
+    for token, logprob in zip(output.token_ids, output.log_probs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        assert token == int(expected.argmax())
+        assert logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        ids.append(token)
+    assert 0 < len(output.token_ids) <= 6

@@ -1,0 +1,164 @@
+"""``ragr1-eval`` end to end: the real rollout, the real demo retriever, a scripted OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragr1_verl.data.cli import main as data_main
+from ragr1_verl.evaluation.cli import main as eval_main
+from tests.ragr1_verl.evaluation.openai_fake import ScriptedCompletions
+
+TURNS = {
+    # question marker -> the model's turns, one per round
+    "Sydney Opera House": ["<think>I need the date.</think><search> Sydney Opera House opening, Jørn Utzon </search>",
+                           "<think>It says 1973.</think><answer> 1973 </answer>"],
+    "Taj Mahal": ["<think>I know this.</think><answer> Shah Jahan </answer>"],
+    "Berlin Wall": ["<search> Berlin Wall </search>", "<search> fall of the Berlin Wall </search>",
+                    "<answer>1989</answer>"],
+}
+
+
+def script(question_on: str, round_number: int) -> str:
+    marker = next(marker for marker in TURNS if marker in question_on)
+    return TURNS[marker][round_number]
+
+
+@pytest.fixture(scope="module")
+def demo_parquet(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval-data")
+    assert data_main(["eval", "--source", "demo", "--out", str(out)]) == 0
+    return out / "demo.parquet"
+
+
+@pytest.fixture
+def served(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    with ScriptedCompletions(AutoTokenizer.from_pretrained(tiny_model_dir), script) as server:
+        yield server
+
+
+def evaluate(out: Path, parquet: Path, model_dir: Path, server_url: str, retriever: str, *extra: str) -> int:
+    return eval_main(["--data", str(parquet), "--out", str(out), "--backend", "openai", "--model", str(model_dir),
+                      "--server-url", server_url, "--retriever-url", retriever, "--limit", "3", "--greedy",
+                      "--max-response-tokens", "3000", *extra])
+
+
+def results(out: Path) -> dict[str, dict]:
+    lines = (out / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    return {next(marker for marker in TURNS if marker in r["question"]): r for r in records}
+
+
+@pytest.mark.slow
+def test_a_run_records_trajectories_scores_and_summaries(tmp_path, demo_parquet, tiny_model_dir, served,
+                                                         demo_server):
+    retriever = f"{demo_server[0]}/retrieve"
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever) == 0
+
+    by_question = results(tmp_path)
+    opera, taj, berlin = by_question["Sydney Opera House"], by_question["Taj Mahal"], by_question["Berlin Wall"]
+    assert (opera["answer"], opera["em"], opera["searches"], opera["queries"]) == ("1973", 1.0, 1, 2)
+    assert '"documents": [' in opera["trajectory"] and "Doc 1:" in opera["trajectory"]  # real passages
+    assert opera["retrieval_seconds"] > 0 and opera["seconds"] >= opera["retrieval_seconds"]
+    assert (taj["answer"], taj["em"], taj["searches"]) == ("Shah Jahan", 0.0, 0)
+    assert (berlin["em"], berlin["searches"], berlin["queries"]) == (1.0, 2, 2)
+    assert all(request["stop"] == ["</search>", "</answer>"] for request in served.requests)
+    assert all(isinstance(request["prompt"], list) for request in served.requests)  # token ids in
+
+    [summary] = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["questions"] == 3 and summary["em"] == pytest.approx(200 / 3)
+    assert summary["retrieval_rounds"] == pytest.approx(1.0)
+    assert summary["queries_per_search"] == pytest.approx(4 / 3)
+    assert "| demo | 3 | 66.7 |" in (tmp_path / "summary.md").read_text()
+    for plot in ("em_per_benchmark.png", "retrieval_rounds.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_and_a_line_cut_by_a_crash_is_redone(tmp_path, demo_parquet, tiny_model_dir, served,
+                                                              demo_server):
+    retriever = f"{demo_server[0]}/retrieve"
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever) == 0
+    calls = len(served.requests)
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever) == 0
+    assert len(served.requests) == calls  # nothing left to do
+
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # a write cut short
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever) == 0
+    assert len(served.requests) > calls
+    assert len(results(tmp_path)) == 3
+
+
+@pytest.mark.slow
+def test_resuming_with_other_settings_is_refused(tmp_path, demo_parquet, tiny_model_dir, served, demo_server):
+    retriever = f"{demo_server[0]}/retrieve"
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever) == 0
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever, "--max-turns", "2") == 2
+    assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever, "--max-turns", "2",
+                    "--overwrite") == 0
+
+
+@pytest.mark.slow
+def test_compare_puts_two_runs_side_by_side(tmp_path, demo_parquet, tiny_model_dir, served, demo_server):
+    retriever = f"{demo_server[0]}/retrieve"
+    first, second = tmp_path / "sq", tmp_path / "mq"
+    assert evaluate(first, demo_parquet, tiny_model_dir, served.url, retriever, "--max-turns", "1") == 0
+    assert evaluate(second, demo_parquet, tiny_model_dir, served.url, retriever,
+                    "--compare", str(first), "--labels", "sq", "mq") == 0
+
+    table = (second / "comparison.md").read_text()
+    assert table.splitlines()[0].startswith("| benchmark | EM sq | EM mq | rounds sq | rounds mq")
+    # with one search allowed, the Berlin question's second search gets no results and no answer follows
+    assert "| demo | 33.3 | 66.7 | 0.67 | 1.00 |" in table
+    assert set(json.loads((second / "comparison.json").read_text())) == {"sq", "mq"}
+    assert (second / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_server_without_token_ids_gets_its_stop_string_back(tmp_path, demo_parquet, tiny_model_dir,
+                                                               demo_server):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with ScriptedCompletions(tokenizer, script, token_ids=False) as plain:
+        assert evaluate(tmp_path, demo_parquet, tiny_model_dir, plain.url, f"{demo_server[0]}/retrieve") == 0
+    assert {marker: r["searches"] for marker, r in results(tmp_path).items()} == {
+        "Sydney Opera House": 1, "Taj Mahal": 0, "Berlin Wall": 2}
+
+
+def test_bad_input_is_a_clear_error_and_writes_no_results(tmp_path, tiny_model_dir, caplog):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"data_source": "nq", "prompt": [{"role": "user", "content": "q"}]}) + "\n")
+    code = eval_main(["--data", str(broken), "--out", str(tmp_path / "run"), "--backend", "openai",
+                      "--model", str(tiny_model_dir), "--server-url", "http://127.0.0.1:9"])
+    assert code == 2
+    assert f"{broken}, row 1, field 'reward_model': missing" in caplog.text
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_the_transformers_backend_runs_a_local_model_end_to_end(tmp_path, demo_parquet, tiny_model_dir,
+                                                                demo_server):
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    code = eval_main(["--data", str(demo_parquet), "--out", str(out), "--backend", "transformers",
+                      "--model", str(model_dir), "--device", "cpu", "--retriever-url", f"{demo_server[0]}/retrieve",
+                      "--limit", "2", "--max-tokens-per-turn", "8", "--max-response-tokens", "40"])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    assert all(0 < r["response_tokens"] <= 40 and r["turns"] >= 1 and r["em"] in (0.0, 1.0) for r in records)
+    assert json.loads((out / "summary.json").read_text())[0]["questions"] == 2
