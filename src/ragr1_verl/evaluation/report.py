@@ -127,7 +127,12 @@ def write_comparison(out_dir: Path, label_a: str, rows_a: Sequence[BenchmarkSumm
 
 
 def _pyplot():
-    import matplotlib
+    """matplotlib's pyplot for files, or None (with a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("no plots: matplotlib is not installed (pip install 'ragr1-verl[eval]')")
+        return None
 
     matplotlib.use("Agg")  # files only: never open a window, works without a display
     import matplotlib.pyplot as plt
@@ -138,6 +143,8 @@ def _pyplot():
 def plot_run(run_dir: Path, rows: Sequence[BenchmarkSummary], searches: Sequence[int]) -> None:
     """``em_per_benchmark.png`` and ``retrieval_rounds.png`` (histogram of searches per question)."""
     plt = _pyplot()
+    if plt is None:
+        return
     figure, axes = plt.subplots(figsize=(8, 4))
     axes.bar([r.benchmark for r in rows], [r.em for r in rows], color="tab:blue")
     axes.set_ylabel("exact match (%)")
@@ -161,6 +168,8 @@ def plot_comparison(out_dir: Path, label_a: str, rows_a: Sequence[BenchmarkSumma
                     rows_b: Sequence[BenchmarkSummary]) -> None:
     """``comparison.png``: EM, retrieval rounds and seconds per question, the two runs side by side."""
     plt = _pyplot()
+    if plt is None:
+        return
     by_b = {r.benchmark: r for r in rows_b}
     shared = [r for r in rows_a if r.benchmark in by_b]
     names = [r.benchmark for r in shared]
