@@ -1,0 +1,253 @@
+"""``ragr1-data sft-generate``: teacher trajectories for stage-1 SFT and, optionally, the stage-2 RL set.
+
+A teacher model behind an OpenAI-compatible server (the paper: Qwen2.5-72B-Instruct) answers each question
+with the project's tag protocol and the real retriever, exactly as the policy does in RL (same prompt template,
+query splitting, observation format and round budget). Every trajectory is logged; the exact-match ones are
+the SFT data. With ``--select-rl-data`` the missed questions are re-sampled and the paper's RL data selection
+writes ``train.parquet``/``test.parquet``. The pieces live in :mod:`ragr1_verl.data.teacher`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ragr1_verl.config import TOKEN_ENV, URL_ENV, load_config
+from ragr1_verl.data.io import DataError
+from ragr1_verl.data.questions import (
+    DEMO_SOURCE,
+    Question,
+    demo_questions,
+    read_question_file,
+    resolve_template,
+    sample_questions,
+)
+from ragr1_verl.data.teacher.client import (
+    Messages,
+    Sampling,
+    TeacherError,
+    TeacherSettings,
+    template_renderer,
+)
+from ragr1_verl.data.teacher.episode import RetrievalFailed
+from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
+from ragr1_verl.data.teacher.selection import SelectionSettings
+from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
+from ragr1_verl.protocol import token_truncator
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENVS = ("RAGR1_TEACHER_API_KEY", "OPENAI_API_KEY")
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "sft-generate", help="generate SFT trajectories with a teacher model (and select the RL data)",
+        description="Run a teacher model (an OpenAI-compatible server) on the questions with the project's search "
+                    "protocol and retriever; log every trajectory, keep the exact matches as SFT data, and with "
+                    "--select-rl-data write the paper's stage-2 RL set (train.parquet, test.parquet). Rerun the "
+                    "same command to resume.")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help=f"output folder: {ATTEMPTS_FILE} (every trajectory), {KEPT_FILE} (exact matches), "
+                             "run.json; with --select-rl-data also train.parquet, test.parquet, rl_selection.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
+    _question_arguments(parser.add_argument_group("questions"))
+    _teacher_arguments(parser.add_argument_group("teacher"))
+    _protocol_arguments(parser.add_argument_group("protocol and retriever (as the rollout's ragr1 settings)"))
+    _selection_arguments(parser.add_argument_group("RL data selection (the paper's stage-2 set)"))
+    parser.set_defaults(func=run)
+
+
+def _question_arguments(group: argparse._ArgumentGroup) -> None:
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, metavar="FILE",
+                        help="questions: .jsonl/.json/.parquet with FlashRAG rows {id, question, golden_answers: "
+                             "[...]} or RAG-R1 rows {question, golden_answers: '...'}")
+    source.add_argument("--source", choices=(DEMO_SOURCE,),
+                        help="demo: the questions bundled with the retriever's demo corpus")
+    group.add_argument("--data-source", default=None, metavar="NAME",
+                       help="data_source of rows that carry none (default: the file's stem)")
+    group.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                       help="a seeded random subset of N questions (the paper used part of HotpotQA's train set)")
+    group.add_argument("--seed", type=int, default=42,
+                       help="seed of the subset and of the RL data selection (default 42)")
+
+
+def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--teacher-url", required=True, metavar="URL",
+                       help="OpenAI base URL of the server, e.g. http://host:8000/v1")
+    group.add_argument("--teacher-model", required=True, metavar="NAME", help="the model name the server serves")
+    group.add_argument("--api", choices=("completions", "chat"), default="completions",
+                       help="completions (default): chat template rendered here (needs --tokenizer), works on "
+                            "any server; chat: vLLM/SGLang continue_final_message")
+    group.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                       help="the teacher's tokenizer (path or hub name): its chat template, and the cut of each "
+                            "query's retrieved text to --max-obs-tokens")
+    group.add_argument("--api-key", default=None, metavar="KEY", help=f"default: ${API_KEY_ENVS[0]}, else ${API_KEY_ENVS[1]}")
+    group.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                       help="sampling temperature of the first attempt (default 0.7; the paper does not give it)")
+    group.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default 1.0")
+    group.add_argument("--max-tokens-per-turn", type=_positive_int, default=1024, metavar="N",
+                       help="token cap of one generation round (default 1024)")
+    group.add_argument("--concurrency", type=_positive_int, default=32, metavar="N",
+                       help="trajectories in flight (default 32)")
+    group.add_argument("--teacher-timeout", type=float, default=600.0, metavar="S",
+                       help="seconds for one request (default 600)")
+    group.add_argument("--teacher-retries", type=int, default=5, metavar="N",
+                       help="retries of a request after a connection error, timeout, 408, 429 or 5xx (default 5)")
+    group.add_argument("--teacher-backoff", type=float, default=1.0, metavar="S",
+                       help="base of the exponential backoff between retries, in seconds (default 1)")
+    group.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+                       help='JSON object merged into every request, e.g. \'{"top_k": 20}\'')
+
+
+def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--retriever-url", default=None, metavar="URL",
+                       help=f"the retriever's /retrieve URL (default: ${URL_ENV}, else http://127.0.0.1:8000/retrieve)")
+    group.add_argument("--mode", choices=("mq", "sq"), default="mq",
+                       help="multi-query or single-query search (default mq)")
+    group.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
+                       help="'mq', 'sq', a template string with {question}, or a file holding one "
+                            "(default: the mode's)")
+    group.add_argument("--max-turns", type=int, default=4, metavar="N",
+                       help="rounds that may search before the final round (default 4, as in training)")
+    group.add_argument("--topk", type=_positive_int, default=3, metavar="K", help="passages per query (default 3)")
+    group.add_argument("--max-queries", type=_positive_int, default=3, metavar="N",
+                       help="queries per search in mq mode (default 3)")
+    group.add_argument("--max-obs-tokens", type=_positive_int, default=1000, metavar="N",
+                       help="cut of each query's retrieved text, in teacher tokens (default 1000; needs --tokenizer)")
+    group.add_argument("--observation-format", choices=("ragr1", "search_r1"), default="ragr1",
+                       help="default ragr1 (RAG-R1's JSON object in mq mode)")
+
+
+def _selection_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--select-rl-data", action="store_true",
+                       help="re-sample the missed questions and write the stage-2 RL parquet files")
+    group.add_argument("--resample-limit", type=int, default=10, metavar="N",
+                       help="re-samples of a missed question, stopping at the first exact match (default 10)")
+    group.add_argument("--resample-temperature", type=float, default=1.2, metavar="T", help="default 1.2")
+    group.add_argument("--resample-max-turns", type=int, default=10, metavar="N",
+                       help="search rounds of a re-sample (default 10)")
+    group.add_argument("--easy-fraction", type=float, default=0.25, metavar="F",
+                       help="share of the questions answered right at first that is kept (default 0.25)")
+    group.add_argument("--no-answerability-filter", action="store_true",
+                       help="keep every missed question, without re-sampling (the paper's 'w/o Filter')")
+    group.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                       help="share of the selected questions written to test.parquet (default 0.05; 0: none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The subcommand: 0 on success, 1 when the teacher or retriever failed (rerun to resume), 2 on bad input."""
+    try:
+        settings, teacher_settings = build_settings(args)
+    except ValueError as err:  # ConfigError included: it names the setting
+        logger.error("error: %s", err)
+        return 2
+    render, truncate = text_tools(args, settings.config.max_obs_tokens_per_query)
+    questions = load_questions(args)
+    try:
+        summary = asyncio.run(generate(questions, settings, teacher_settings, args.out, render=render,
+                                       truncate=truncate))
+    except (TeacherError, RetrievalFailed) as err:
+        logger.error("error: %s", err)
+        logger.error("the finished trajectories are in %s; run the same command again to resume",
+                     args.out / ATTEMPTS_FILE)
+        return 1
+    _report(summary, args.out)
+    return 0
+
+
+def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettings]:
+    """The run's and the teacher's settings from the arguments; ``ValueError`` names a bad one."""
+    section: dict[str, Any] = {
+        "mode": args.mode, "topk": args.topk, "max_turns": args.max_turns,
+        "max_queries_per_search": args.max_queries, "max_obs_tokens_per_query": args.max_obs_tokens,
+        "max_tokens_per_turn": args.max_tokens_per_turn, "observation_format": args.observation_format,
+        "retriever": {"url": args.retriever_url} if args.retriever_url else {},
+    }
+    # The URL flag beats the environment (load_config lets the environment win, as a trainer override should).
+    environ = {name: value for name, value in os.environ.items()
+               if name == TOKEN_ENV or (name == URL_ENV and not args.retriever_url)}
+    config = load_config(section, environ=environ)
+    selection = None
+    if args.select_rl_data:
+        selection = SelectionSettings(args.resample_limit, args.resample_temperature, args.resample_max_turns,
+                                      args.easy_fraction, not args.no_answerability_filter, args.val_fraction,
+                                      args.seed)
+    settings = RunSettings(config, resolve_template(args.prompt_template, config.mode),
+                           Sampling(args.temperature, args.top_p, args.max_tokens_per_turn), args.concurrency,
+                           selection, progress=not args.no_progress)
+    api_key = args.api_key or next((os.environ[name] for name in API_KEY_ENVS if os.environ.get(name)), None)
+    teacher = TeacherSettings(args.teacher_url, args.teacher_model, args.api, api_key,
+                              timeout_s=args.teacher_timeout, max_retries=args.teacher_retries,
+                              backoff_base_s=args.teacher_backoff, extra_body=args.extra_body)
+    return settings, teacher
+
+
+def text_tools(args: argparse.Namespace, max_obs_tokens: int) -> tuple[Callable[[Messages], str] | None,
+                                                                         Callable[[str], str]]:
+    """What the teacher's tokenizer gives: the chat-template renderer (completions API) and the cut of retrieved
+    text; :class:`DataError` when the completions API has no usable tokenizer."""
+    if args.tokenizer is None:
+        if args.api == "completions":
+            raise DataError("--api completions renders the teacher's chat template here: give --tokenizer (or use "
+                            "--api chat with a vLLM/SGLang server)")
+        logger.warning("no --tokenizer: retrieved text is not cut to --max-obs-tokens")
+        return None, str
+    tokenizer = load_tokenizer(args.tokenizer)
+    try:
+        render = template_renderer(tokenizer) if args.api == "completions" else None
+    except ValueError as err:
+        raise DataError(f"--tokenizer {args.tokenizer}: {err}") from None
+    return render, token_truncator(tokenizer, max_obs_tokens)
+
+
+def load_questions(args: argparse.Namespace) -> list[Question]:
+    """The questions of ``--input`` (or the demo set); with ``--limit``, a seeded subset in input order."""
+    if args.input is not None:
+        questions = read_question_file(args.input, data_source=args.data_source, split="train")
+    else:
+        questions = demo_questions("train")
+    return sample_questions(questions, args.limit, args.seed)
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad name or folder
+        raise DataError(f"--tokenizer {name}: cannot load it ({err})") from None
+
+
+def _report(summary: RunSummary, out: Path) -> None:
+    logger.info("%d trajectories written this run (%d exact matches, %d re-samples); %d teacher requests, "
+                "%d retries", summary.written, summary.exact, summary.resamples, summary.teacher_requests,
+                summary.teacher_retries)
+    logger.info("%s holds %d exact-match trajectories", out / KEPT_FILE, summary.kept)
+    if summary.selection is not None:
+        logger.info("wrote %s: %d training and %d validation (test.parquet) questions", out,
+                    summary.selection["train"], summary.selection["test"])
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
