@@ -30,6 +30,8 @@ from ragr1_verl.retrieval_client import shared_client
 logger = logging.getLogger(__name__)
 
 AGENT_NAME = "ragr1_agent"
+# Per-round server counters that add up over a trajectory (speculative decoding statistics).
+_SUMMED_SERVER_FIELDS = ("spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_verify_steps")
 
 
 @dataclass
@@ -49,12 +51,32 @@ class TrajectoryStats:
     truncated: bool = False
     generation_s: float = 0.0
     retrieval_s: float = 0.0
+    # What the LLM servers report (weight versions, speculative decoding, preemptions), merged over rounds.
+    server_fields: dict[str, Any] = field(default_factory=dict)
+    num_preempted: int = -1
+
+    def add_server_output(self, output: Any) -> None:
+        """Merge one generation's server fields as verl's stock loops do: weight versions span from the first
+        round's ``min_global_steps`` to the last one's ``max_global_steps`` (verl's trainer reads both)."""
+        fields = dict(getattr(output, "extra_fields", None) or {})
+        if not self.server_fields:
+            self.server_fields = fields
+        else:
+            if fields.get("max_global_steps") is not None:
+                self.server_fields["max_global_steps"] = fields["max_global_steps"]
+            for key in _SUMMED_SERVER_FIELDS:
+                if key in fields and key in self.server_fields:
+                    self.server_fields[key] = int(self.server_fields[key]) + int(fields[key])
+        preempted = getattr(output, "num_preempted", None)
+        if preempted is not None:
+            self.num_preempted = max(self.num_preempted, 0) + int(preempted)
 
     def as_extra_fields(self) -> dict[str, Any]:
-        fields = {name: value for name, value in vars(self).items() if not name.endswith("_s")}
+        fields = {name: value for name, value in vars(self).items()
+                  if not name.endswith("_s") and name not in ("server_fields", "num_preempted")}
         fields["queries_per_search"] = self.queries / self.searches if self.searches else 0.0
         fields["retrieval_ms"] = 1000.0 * self.retrieval_s
-        return {f"ragr1/{name}": value for name, value in fields.items()}
+        return {**self.server_fields, **{f"ragr1/{name}": value for name, value in fields.items()}}
 
 
 @dataclass
@@ -212,7 +234,8 @@ class RagR1AgentLoop(AgentLoopBase):
             response_mask=response.mask,
             response_logprobs=response.logprobs,
             num_turns=1 + stats.turns + stats.searches + stats.invalid_actions,
-            metrics=AgentLoopMetrics(generate_sequences=stats.generation_s, tool_calls=stats.retrieval_s),
+            metrics=AgentLoopMetrics(generate_sequences=stats.generation_s, tool_calls=stats.retrieval_s,
+                                     num_preempted=stats.num_preempted),
             extra_fields=stats.as_extra_fields(),
         )
 
@@ -264,6 +287,7 @@ class RagR1AgentLoop(AgentLoopBase):
         started = time.perf_counter()
         output = await self.server_manager.generate(request_id, prompt_ids=context_ids, sampling_params=params)
         stats.generation_s += time.perf_counter() - started
+        stats.add_server_output(output)
         ids, logprobs = list(output.token_ids[:max_tokens]), output.log_probs
         text = self.tokens.decode(ids)
         keep = protocol.stop_string_prefix(ids, self.tokens.decode, text=text)

@@ -76,8 +76,10 @@ class ScriptedLLM:
     is always honoured.
     """
 
-    def __init__(self, tokenizer: Any, script: Callable[[str, int], str], *, honor_stop: bool = True):
+    def __init__(self, tokenizer: Any, script: Callable[[str, int], str], *, honor_stop: bool = True,
+                 server_fields: Callable[[int], dict[str, Any]] | None = None):
         self.tokenizer, self.script, self.honor_stop = tokenizer, script, honor_stop
+        self.server_fields = server_fields  # call number -> TokenOutput.extra_fields (weight versions, ...)
         self.calls: list[GenerateCall] = []
         self._first_prompt: dict[str, str] = {}
 
@@ -92,7 +94,9 @@ class ScriptedLLM:
             ids = ids[:self._stop_position(ids, sampling_params["stop"])]
         ids = ids[:sampling_params.get("max_tokens", len(ids))]
         self.calls.append(GenerateCall(request_id, list(prompt_ids), dict(sampling_params), ids))
-        return TokenOutput(token_ids=ids, log_probs=[fake_logprob(i) for i in ids], stop_reason="completed")
+        extra = self.server_fields(len(self.calls)) if self.server_fields else {}
+        return TokenOutput(token_ids=ids, log_probs=[fake_logprob(i) for i in ids], stop_reason="completed",
+                           extra_fields=extra)
 
     def _stop_position(self, ids: list[int], stops: Sequence[str]) -> int:
         for end in range(1, len(ids) + 1):

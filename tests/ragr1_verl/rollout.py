@@ -111,7 +111,8 @@ def unpad(output, prompt_length: int) -> list[Trajectory]:
     for row in range(len(output)):
         attention = output.batch["attention_mask"][row].bool()
         prompt_keep, response_keep = attention[:prompt_length], attention[prompt_length:]
-        extra = {key: values[row] for key, values in output.non_tensor_batch.items() if key.startswith("ragr1/")}
+        extra = {key: values[row] for key, values in output.non_tensor_batch.items()
+                 if key.startswith("ragr1/") or key.endswith("_global_steps")}
         rows.append(Trajectory(
             prompt_ids=output.batch["prompts"][row][prompt_keep].tolist(),
             response_ids=output.batch["responses"][row][response_keep].tolist(),

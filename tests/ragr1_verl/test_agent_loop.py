@@ -229,3 +229,15 @@ def test_in_single_query_mode_the_whole_observation_is_cut_to_the_budget(tiny_mo
     full = "\n".join(f"Doc {rank}: {doc['contents']}" for rank, doc in enumerate(fake_documents("Eiffel Tower", 3), 1))
     assert full.startswith(body) and len(body) < len(full)
     assert len(tokenizer.encode(body, add_special_tokens=False)) <= 10
+
+
+def test_the_servers_weight_versions_span_the_trajectory(tiny_model_dir, retriever):
+    # verl's trainer reads min/max_global_steps of every trajectory (the weight versions it was generated with)
+    config = compose_trainer_config(tiny_model_dir, ragr1=settings(retriever))
+    versions = lambda call: {"min_global_steps": 10 + call, "max_global_steps": 10 + call}  # noqa: E731
+    make_llm = lambda tokenizer: ScriptedLLM(tokenizer, scripted({QUESTION: [SEARCH_3, SEARCH_3, ANSWER]}),  # noqa: E731
+                                             server_fields=versions)
+    _, llm, [row] = run(config, make_llm, [QUESTION])
+
+    assert len(llm.calls) == 3
+    assert (row.extra["min_global_steps"], row.extra["max_global_steps"]) == (11, 13)
