@@ -9,13 +9,12 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.loopback import LoopbackJSONServer
 
 CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
@@ -128,40 +127,23 @@ class RecordingRetriever:
     def __init__(self):
         self.requests: list[dict] = []
         self.failures_left = 0  # answer this many requests with 503 before serving again
-        retriever = self
+        self._server = LoopbackJSONServer(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                retriever.requests.append(body)
-                if retriever.failures_left > 0:
-                    retriever.failures_left -= 1
-                    return self._reply(503, {"error": "scripted failure"})
-                topk = body.get("topk", 3)
-                return self._reply(200, {"result": [fake_documents(query, topk) for query in body["queries"]]})
-
-            def _reply(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    def _respond(self, path: str, body: dict) -> tuple[int, dict]:
+        self.requests.append(body)
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            return 503, {"error": "scripted failure"}
+        topk = body.get("topk", 3)
+        return 200, {"result": [fake_documents(query, topk) for query in body["queries"]]}
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/retrieve"
+        return f"{self._server.base_url}/retrieve"
 
     def __enter__(self) -> RecordingRetriever:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

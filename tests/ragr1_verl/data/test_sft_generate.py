@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,6 +23,7 @@ from ragr1_verl.data.questions import Question, demo_questions, rl_schema, sampl
 from ragr1_verl.data.teacher.client import restore_stop
 from ragr1_verl.data.teacher.selection import QuestionState, SelectionSettings, next_attempt, select
 from ragr1_verl.data.teacher.store import AttemptLog, TrajectoryRecord
+from tests.loopback import LoopbackJSONServer
 from tests.retriever_server.helpers import post_retrieve
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,31 +90,12 @@ class ScriptedTeacher:
         self._lock = threading.Lock()
 
     def __enter__(self):
-        teacher = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = teacher.answer(self.path, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        self._server = LoopbackJSONServer(self.answer).start()
+        self.url = f"{self._server.base_url}/v1"
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
         if path not in ("/v1/completions", "/v1/chat/completions"):

@@ -7,21 +7,20 @@ gets the text from the question on (after the prompt's last ``Question:``) and t
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.loopback import LoopbackJSONServer
 
 
 class ScriptedCompletions:
-    """Replies ``script(question_text, round_number)``; counts requests; can answer as vLLM or as OpenAI."""
+    """Replies ``script(question_on, round_number)``; records requests; can answer as vLLM or as OpenAI."""
 
     def __init__(self, tokenizer: Any, script: Callable[[str, int], str], *, token_ids: bool = True):
         self.tokenizer, self.script, self.token_ids = tokenizer, script, token_ids
         self.requests: list[dict[str, Any]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = LoopbackJSONServer(lambda path, body: (200, self.reply(body)))
+        self.url = self._server.base_url
 
     def reply(self, body: dict[str, Any]) -> dict[str, Any]:
         self.requests.append(body)
@@ -35,28 +34,9 @@ class ScriptedCompletions:
         return {"choices": [{"text": text.removesuffix(stop) if stop else text, "stop_reason": stop,
                              "finish_reason": "stop"}]}
 
-    def _handler(self):
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                payload = json.dumps(owner.reply(body)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
     def __enter__(self) -> ScriptedCompletions:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

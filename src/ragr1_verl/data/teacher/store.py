@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ragr1_verl.data.io import DataError, where
+from ragr1_verl.data.sft import TeacherTrajectory
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ MANIFEST_FILE = "run.json"
 
 
 @dataclass(frozen=True)
-class TrajectoryRecord:
-    """One line of the attempts log (and of the kept file).
+class TrajectoryRecord(TeacherTrajectory):
+    """One line of the attempts log (and of the kept file): what ``ragr1-data sft`` reads, and more.
 
     ``messages`` are the prompt's chat messages; ``trajectory`` the whole assistant text, observations
     included; ``em`` is 1 when ``answer`` exactly matches a gold answer; ``invalid_actions`` counts the rounds
@@ -42,14 +43,6 @@ class TrajectoryRecord:
     :data:`~ragr1_verl.data.teacher.episode.Finish`).
     """
 
-    id: str
-    question: str
-    golden_answers: list[str]
-    data_source: str
-    messages: list[dict[str, str]]
-    trajectory: str
-    answer: str | None
-    em: int
     searches: int
     invalid_actions: int
     attempt: int
