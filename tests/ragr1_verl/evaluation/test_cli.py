@@ -20,6 +20,10 @@ TURNS = {
                     "<answer>1989</answer>"],
 }
 
+RESULT_KEYS = {"id", "data_source", "question", "golden_answers", "answer", "em", "f1", "substring_em", "format_ok",
+               "searches", "queries", "invalid_actions", "retrieval_failures", "turns", "budget_hit", "truncated",
+               "seconds", "retrieval_seconds", "response_tokens", "trajectory"}
+
 
 def script(question_on: str, round_number: int) -> str:
     marker = next(marker for marker in TURNS if marker in question_on)
@@ -60,6 +64,7 @@ def test_a_run_records_trajectories_scores_and_summaries(tmp_path, demo_parquet,
     assert evaluate(tmp_path, demo_parquet, tiny_model_dir, served.url, retriever) == 0
 
     by_question = results(tmp_path)
+    assert all(set(record) == RESULT_KEYS for record in by_question.values())
     opera, taj, berlin = by_question["Sydney Opera House"], by_question["Taj Mahal"], by_question["Berlin Wall"]
     assert (opera["answer"], opera["em"], opera["searches"], opera["queries"]) == ("1973", 1.0, 1, 2)
     assert '"documents": [' in opera["trajectory"] and "Doc 1:" in opera["trajectory"]  # real passages
