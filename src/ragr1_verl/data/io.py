@@ -48,21 +48,28 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where(path, number)}: not valid JSON ({error.msg})") from None
-            rows.append(_as_record(row, path, number))
+    for number, line in enumerate(_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where(path, number)}: not valid JSON ({error.msg})") from None
+        rows.append(_as_record(row, path, number))
     return rows
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise DataError(f"{where(path, line)}: not UTF-8 text (byte {error.start})") from None
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(_text(path))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if isinstance(document, dict) and isinstance(document.get("data"), list):
@@ -77,7 +84,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
     try:
         table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises several types for a damaged file
+    except Exception as error:  # noqa: BLE001 (pyarrow raises several types for a damaged file)
         raise DataError(f"{path}: not a readable parquet file ({error})") from None
     return table.to_pylist()
 

@@ -4,8 +4,9 @@
 reads ``token_ids`` and ``log_probs`` of the answer, exactly as in training. Two backends provide that call:
 
 - :class:`OpenAIBackend`: an OpenAI-compatible ``/v1/completions`` server (vLLM or SGLang serving a
-  checkpoint). The prompt goes out as token ids; the completion comes back as token ids when the server
-  offers them (vLLM's ``return_token_ids``, or ``token_id:N`` logprob tokens), else its text is tokenized.
+  checkpoint), through the teacher's HTTP client (retries with jitter). The prompt goes out as token ids;
+  the completion comes back as token ids when the server offers them (``return_token_ids``: vLLM >= 0.10.2,
+  SGLang), else its text is tokenized.
 - :class:`TransformersBackend`: a local transformers model, CPU or GPU, one generation at a time in a
   thread so the event loop (and the retriever client) keeps running.
 """
@@ -14,21 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from verl.workers.rollout.replica import TokenOutput
 
+from ragr1_verl.data.teacher.client import OpenAIClient, TeacherError, TeacherSettings, restore_stop
+
 logger = logging.getLogger(__name__)
 
-_TOKEN_ID = re.compile(r"^token_id:(\d+)$")
-
-
 class BackendError(RuntimeError):
-    """The generation backend could not produce a completion (after its retries)."""
+    """The generation backend could not produce a completion."""
 
 
 @dataclass(frozen=True)
@@ -46,73 +44,52 @@ class Sampling:
                    top_p=float(params.get("top_p", 1.0)), stop=tuple(params.get("stop") or ()))
 
 
-def completion_ids(choice: dict[str, Any], tokenizer: Any, stop: Sequence[str]) -> list[int]:
-    """The completion's token ids from an OpenAI ``choices[0]``: given by the server, or by tokenizing.
-
-    A server that drops the matched stop string from the text (OpenAI's default) gets it appended back, so
-    the loop sees ``</search>`` as the model wrote it.
-    """
+def completion_ids(choice: dict[str, Any], tokenizer: Any) -> list[int]:
+    """The completion's token ids from an OpenAI ``choices[0]``: as the server returned them (vLLM >= 0.10.2,
+    SGLang: ``return_token_ids``), else its text tokenized, with a stop string the server cut put back."""
     if isinstance(choice.get("token_ids"), list):
         return [int(token) for token in choice["token_ids"]]
-    tokens = (choice.get("logprobs") or {}).get("tokens")
-    if tokens and all(_TOKEN_ID.match(str(token)) for token in tokens):
-        return [int(_TOKEN_ID.match(str(token)).group(1)) for token in tokens]
-    text = str(choice.get("text", ""))
-    matched = choice.get("stop_reason")
-    if isinstance(matched, str) and matched in stop and not text.endswith(matched):
-        text += matched
-    return tokenizer.encode(text, add_special_tokens=False)
+    text = choice.get("text")
+    if not isinstance(text, str):
+        raise BackendError(f"a completion without text or token ids: {str(choice)[:200]}")
+    completion = restore_stop(text, str(choice.get("finish_reason") or "stop"), choice)
+    return tokenizer.encode(completion.text, add_special_tokens=False)
 
 
 class OpenAIBackend:
-    """Completions from an OpenAI-compatible server, prompt and completion as token ids where possible."""
+    """Completions from an OpenAI-compatible server (vLLM, SGLang), prompt and completion as token ids."""
 
     def __init__(self, base_url: str, model: str, tokenizer: Any, *, api_key: str | None = None,
-                 timeout_s: float = 600.0, max_retries: int = 3):
-        self.url = base_url.rstrip("/").removesuffix("/v1") + "/v1/completions"
-        self.model, self.tokenizer, self.max_retries = model, tokenizer, max_retries
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout_s = timeout_s
-        self._session = None
+                 seed: int | None = None, timeout_s: float = 600.0, max_retries: int = 3):
+        self.tokenizer, self.seed = tokenizer, seed
+        self.client = OpenAIClient(TeacherSettings(base_url=base_url, model=model, api_key=api_key,
+                                                   timeout_s=timeout_s, max_retries=max_retries,
+                                                   role="model server"))
 
     async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
                        **_: Any) -> TokenOutput:
         sampling = Sampling.from_params(sampling_params)
         body = {
-            "model": self.model, "prompt": list(prompt_ids), "max_tokens": sampling.max_tokens,
+            "model": self.client.settings.model, "prompt": list(prompt_ids), "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "stop": list(sampling.stop) or None,
-            # vLLM: keep the stop string and return token ids; SGLang: keep the stop string. Others ignore them.
+            # vLLM keeps the stop string with include_stop_str_in_output, SGLang with no_stop_trim; both return
+            # the generated ids with return_token_ids. Servers without these fall back to the text.
             "include_stop_str_in_output": True, "no_stop_trim": True, "return_token_ids": True,
             "skip_special_tokens": False,
         }
-        choice = (await self._post(body))["choices"][0]
-        return TokenOutput(token_ids=completion_ids(choice, self.tokenizer, sampling.stop),
-                           stop_reason="completed")
-
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        error = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(min(30.0, 2.0 ** attempt))
-            try:
-                async with self._session.post(self.url, json=body, headers=self.headers) as response:
-                    if response.status == 200:
-                        return await response.json()
-                    error = f"HTTP {response.status}: {(await response.text())[:300]}"
-                    if response.status < 500 and response.status != 429:
-                        break  # the request itself is wrong: retrying will not help
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        raise BackendError(f"{self.url}: {error}")
+        if self.seed is not None:
+            body["seed"] = self.seed
+        try:
+            payload = await self.client.post(body)
+        except TeacherError as error:
+            raise BackendError(str(error)) from None
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise BackendError(f"{self.client.settings.endpoint} answered without choices: {str(payload)[:200]}")
+        return TokenOutput(token_ids=completion_ids(choices[0], self.tokenizer), stop_reason="completed")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
 
 
 class TransformersBackend:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.config import ConfigError, load_config, resolve_prompt_template
 from ragr1_verl.data.io import DataError
 from ragr1_verl.evaluation import report
 from ragr1_verl.evaluation.runner import (
@@ -35,6 +36,13 @@ logger = logging.getLogger("ragr1_verl.evaluation")
 
 RUN_FILE = "run.json"
 SMOLLM2 = "smollm2"
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,17 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--served-model-name", help="openai: the server's model name (default: --model)")
     backend.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="openai: bearer token")
     backend.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:1, or auto")
-    backend.add_argument("--concurrency", type=int,
+    backend.add_argument("--concurrency", type=positive_int,
                          help="questions in flight (default: 32 for openai; 1 for transformers, which generates "
                               "one sequence at a time, so that seconds per question are not queueing time)")
     backend.add_argument("--temperature", type=float, default=0.7, help="paper: 0.7")
     backend.add_argument("--top-p", type=float, default=1.0)
     backend.add_argument("--greedy", action="store_true", help="temperature 0")
-    backend.add_argument("--seed", type=int, default=0, help="transformers: torch seed for sampling")
-    backend.add_argument("--max-prompt-tokens", type=int, default=2048)
-    backend.add_argument("--max-response-tokens", type=int, default=6144)
+    backend.add_argument("--seed", type=int, default=0, help="sampling seed (sent to the server as `seed`)")
+    backend.add_argument("--max-prompt-tokens", type=positive_int, default=2048)
+    backend.add_argument("--max-response-tokens", type=positive_int, default=6144)
     _add_rollout_arguments(parser)
-    parser.add_argument("--limit", type=int, help="evaluate the first N questions of each file")
+    parser.add_argument("--limit", type=positive_int, help="evaluate the first N questions of each file")
     parser.add_argument("--overwrite", action="store_true", help="discard previous results in --out")
     parser.add_argument("--compare", type=Path, metavar="RUN_DIR", help="another run to put side by side")
     parser.add_argument("--labels", nargs=2, metavar=("OTHER", "THIS"), help="names of --compare and --out")
@@ -78,12 +86,14 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "http://127.0.0.1:8000/retrieve"))
     rollout.add_argument("--retriever-token", default=os.environ.get("RAGR1_RETRIEVER_TOKEN"))
     rollout.add_argument("--mode", choices=("mq", "sq"), default="mq")
-    rollout.add_argument("--max-turns", type=int, default=5, help="searches allowed (paper: 5 at evaluation)")
-    rollout.add_argument("--topk", type=int, default=3)
-    rollout.add_argument("--prompt-template", help="mq, sq, a template with {question}, or a file "
-                                                   "(default: the prompt stored in the data)")
-    rollout.add_argument("--max-obs-tokens-per-query", type=int, default=1000)
-    rollout.add_argument("--max-tokens-per-turn", type=int, default=500)
+    rollout.add_argument("--max-turns", type=positive_int, default=5,
+                         help="searches allowed (paper: 5 at evaluation)")
+    rollout.add_argument("--topk", type=positive_int, default=3)
+    rollout.add_argument("--prompt-template",
+                         help="mq, sq, a template with {question}, a file, or 'data' for the prompt stored in the "
+                              "data (default: the template of --mode, re-rendered from extra_info.question)")
+    rollout.add_argument("--max-obs-tokens-per-query", type=positive_int, default=1000)
+    rollout.add_argument("--max-tokens-per-turn", type=positive_int, default=500)
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:
@@ -92,8 +102,16 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
         "mode": args.mode, "max_turns": args.max_turns, "topk": args.topk,
         "max_obs_tokens_per_query": args.max_obs_tokens_per_query, "max_tokens_per_turn": args.max_tokens_per_turn,
     }
-    if args.prompt_template:
-        ragr1["prompt_template"] = args.prompt_template
+    # The mode's own instructions by default: an sq model must not see the mq prompt an eval file may hold.
+    template = args.prompt_template or args.mode
+    if template != "data":
+        ragr1["prompt_template"] = template
+    try:
+        load_config(ragr1)
+        if template != "data":
+            resolve_prompt_template(template, args.mode)
+    except (ConfigError, ValueError, OSError) as error:
+        raise DataError(f"rollout settings: {error}") from None
     concurrency = args.concurrency or (32 if args.backend == "openai" else 1)
     return EvalSettings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
                         max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
@@ -110,32 +128,39 @@ def _run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str,
     return record
 
 
-def _prepare_out(args: argparse.Namespace, identity: dict[str, Any]) -> None:
+def _check_out(args: argparse.Namespace, identity: dict[str, Any]) -> bool:
+    """Whether ``--out`` already belongs to this run (``run.json`` equal); refuse one made with other settings."""
     if args.overwrite and args.out.exists():
         for name in (RESULTS_FILE, RUN_FILE):
             (args.out / name).unlink(missing_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     run_file = args.out / RUN_FILE
-    if run_file.is_file():
+    if not run_file.is_file():
+        return False
+    try:
         previous = json.loads(run_file.read_text(encoding="utf-8"))
-        changed = sorted(key for key in identity.keys() | previous.keys() if identity.get(key) != previous.get(key))
-        if changed:
-            raise DataError(f"{run_file}: this run used other settings ({', '.join(changed)}); use another --out "
-                            "or --overwrite")
-    else:
-        run_file.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    except json.JSONDecodeError as error:
+        raise DataError(f"{run_file}: not valid JSON ({error.msg}); use --overwrite to start again") from None
+    changed = sorted(key for key in identity.keys() | previous.keys() if identity.get(key) != previous.get(key))
+    if changed:
+        raise DataError(f"{run_file}: this run used other settings ({', '.join(changed)}); use another --out "
+                        "or --overwrite")
+    return True
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """A model folder; ``smollm2`` is the offline SmolLM2-135M-Instruct, converted once into the cache."""
+def _write_run_file(out: Path, identity: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / f"{RUN_FILE}.tmp"
+    staged.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, out / RUN_FILE)
+
+
+def resolve_model(name_or_path: str) -> Path | str:
+    """A model folder or hub name; ``smollm2`` is the offline SmolLM2-135M-Instruct, converted once."""
     if name_or_path == SMOLLM2:
         from ragr1_verl.cpu.assets import ensure_demo_model
 
         return ensure_demo_model()
-    path = Path(name_or_path)
-    if not path.is_dir():
-        raise DataError(f"--model {name_or_path}: no such folder (or {SMOLLM2!r} for the offline demo model)")
-    return path
+    return Path(name_or_path) if Path(name_or_path).is_dir() else name_or_path  # else a hub name
 
 
 def _load_backend(args: argparse.Namespace):
@@ -145,12 +170,14 @@ def _load_backend(args: argparse.Namespace):
     from ragr1_verl.evaluation.backends import OpenAIBackend, TransformersBackend
 
     model_dir = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except OSError as error:
+        raise DataError(f"--model {args.model}: cannot load its tokenizer ({error})") from None
     if args.backend == "openai":
-        if not args.server_url:
-            raise DataError("--backend openai needs --server-url")
         name = args.served_model_name or str(args.model)
-        return model_dir, tokenizer, OpenAIBackend(args.server_url, name, tokenizer, api_key=args.api_key)
+        return model_dir, tokenizer, OpenAIBackend(args.server_url, name, tokenizer, api_key=args.api_key,
+                                                   seed=args.seed)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -162,54 +189,67 @@ def _load_backend(args: argparse.Namespace):
     return model_dir, tokenizer, TransformersBackend(model, tokenizer)
 
 
-async def _evaluate(args: argparse.Namespace, settings: EvalSettings) -> None:
+async def _evaluate(args: argparse.Namespace, settings: EvalSettings, questions: list,
+                    identity: dict[str, Any]) -> list[str]:
+    """Run the questions not done yet; returns the ids that failed."""
     from tqdm import tqdm
 
     from ragr1_verl.retrieval_client import close_shared_clients
 
-    questions = load_questions(args.data, args.limit)
     done = finished_ids(args.out / RESULTS_FILE)
     todo = [question for question in questions if question.id not in done]
     logger.info("%d questions, %d already done, %d to run", len(questions), len(questions) - len(todo), len(todo))
     if not todo:
-        return
+        return []
     model_dir, tokenizer, backend = _load_backend(args)
+    _write_run_file(args.out, identity)  # only once the data, settings and model are known to be usable
     evaluator = Evaluator(trainer_config(model_dir, settings), tokenizer, backend, settings,
                           args.out / RESULTS_FILE)
     try:
         with tqdm(total=len(todo), desc="questions", unit="q", file=sys.stderr) as progress:
-            await evaluator.run(todo, progress)
+            return await evaluator.run(todo, progress)
     finally:
         await backend.close()
         await close_shared_clients()
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
+    if args.backend == "openai" and not args.server_url:
+        raise DataError("--backend openai needs --server-url")
     settings = settings_from(args)
-    _prepare_out(args, _run_identity(args, settings))
-    asyncio.run(_evaluate(args, settings))
+    questions = load_questions(args.data, args.limit)  # bad data fails before anything is written
+    identity = _run_identity(args, settings)
+    _check_out(args, identity)
+    failed = asyncio.run(_evaluate(args, settings, questions, identity))
+    if failed:
+        logger.error("%d question(s) failed (see above) and are not in the results; rerun the same command to "
+                     "retry them", len(failed))
+    return 1 if failed else 0
 
 
-def _run_demo(args: argparse.Namespace) -> None:
+def _run_demo(args: argparse.Namespace) -> int:
     from ragr1_verl.evaluation.demo import demo_data, demo_retriever
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.data = [str(demo_data(args.out))]
     with demo_retriever() as url:
         args.retriever_url = url
-        _run(args)
+        return _run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
+        code = 0
         if args.demo:
-            _run_demo(args)
+            code = _run_demo(args)
         elif args.data:
-            _run(args)
+            code = _run(args)
         elif not args.compare:
             raise DataError("nothing to do: give --data to evaluate, or --compare to compare runs")
+        if not (args.out / RESULTS_FILE).is_file():
+            return code or 2  # nothing finished: no summary to write
         rows = report.write_summary(args.out, report.read_results(args.out))
         logger.info("%s\n\n%s", args.out, report.markdown_table(rows))
         if args.compare:
@@ -220,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FileNotFoundError) as error:
         logger.error("error: %s", error)
         return 2
-    return 0
+    return code
 
 
 if __name__ == "__main__":

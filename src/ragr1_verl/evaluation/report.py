@@ -34,13 +34,16 @@ class BenchmarkSummary:
 
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:
-    from ragr1_verl.evaluation.runner import RESULTS_FILE, finished_ids
+    """The records of a run (read only: another run may still be appending to it)."""
+    from ragr1_verl.evaluation.runner import RESULTS_FILE, read_result_lines
 
     path = Path(run_dir) / RESULTS_FILE
-    finished_ids(path)  # drop a line cut short by a crash before reading
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results (run ragr1-eval with --out {run_dir} first)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records, broken = read_result_lines(path)
+    if broken:
+        logger.warning("%s: %d unreadable line(s) left out of the summary", path, broken)
+    return records
 
 
 def _ordered(names: Sequence[str]) -> list[str]:
@@ -93,9 +96,9 @@ def markdown_table(rows: Sequence[BenchmarkSummary]) -> str:
 def comparison_table(label_a: str, rows_a: Sequence[BenchmarkSummary], label_b: str,
                      rows_b: Sequence[BenchmarkSummary]) -> str:
     """Two runs side by side per benchmark: EM (Table 3) and rounds and seconds per question (Table 5)."""
+    rows_a, rows_b = shared_rows(rows_a, rows_b), shared_rows(rows_b, rows_a)
     by_a, by_b = {r.benchmark: r for r in rows_a}, {r.benchmark: r for r in rows_b}
-    names = [name for name in _ordered([n for n in by_a if n != ALL]) if name in by_b]
-    names += [ALL] if ALL in by_a and ALL in by_b else []
+    names = [r.benchmark for r in rows_a]
     header = (f"| benchmark | EM {label_a} | EM {label_b} | rounds {label_a} | rounds {label_b} | "
               f"s/q {label_a} | s/q {label_b} |")
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
@@ -104,6 +107,13 @@ def comparison_table(label_a: str, rows_a: Sequence[BenchmarkSummary], label_b: 
         lines.append(f"| {name} | {a.em:.1f} | {b.em:.1f} | {a.retrieval_rounds:.2f} | {b.retrieval_rounds:.2f} | "
                      f"{a.seconds_per_question:.2f} | {b.seconds_per_question:.2f} |")
     return "\n".join(lines)
+
+
+def shared_rows(rows: Sequence[BenchmarkSummary], other: Sequence[BenchmarkSummary]) -> list[BenchmarkSummary]:
+    """``rows`` restricted to the benchmarks ``other`` has too, with the average recomputed over those."""
+    names = {row.benchmark for row in other if row.benchmark != ALL}
+    kept = [row for row in rows if row.benchmark in names]
+    return kept + [_average(kept)] if len(kept) > 1 else kept
 
 
 def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[BenchmarkSummary]:
@@ -170,8 +180,8 @@ def plot_comparison(out_dir: Path, label_a: str, rows_a: Sequence[BenchmarkSumma
     plt = _pyplot()
     if plt is None:
         return
+    shared, rows_b = shared_rows(rows_a, rows_b), shared_rows(rows_b, rows_a)
     by_b = {r.benchmark: r for r in rows_b}
-    shared = [r for r in rows_a if r.benchmark in by_b]
     names = [r.benchmark for r in shared]
     positions = list(range(len(names)))
     figure, panels = plt.subplots(1, 3, figsize=(15, 4))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,14 +54,16 @@ class EvalSettings:
 def load_questions(paths: Iterable[str | Path], limit: int | None = None) -> list[EvalQuestion]:
     """The questions of one or more evaluation parquet (or jsonl) files; ``limit`` applies per file."""
     questions: list[EvalQuestion] = []
+    first_seen: dict[str, str] = {}
     for path in paths:
         rows = read_records(path)
-        questions += [_question(row, path, number) for number, row in enumerate(rows[:limit], start=1)]
-    seen: set[str] = set()
-    for question in questions:
-        if question.id in seen:
-            raise DataError(f"question id {question.id!r} appears twice (data_source/index must be unique)")
-        seen.add(question.id)
+        for number, row in enumerate(rows[:limit], start=1):
+            question = _question(row, path, number)
+            if question.id in first_seen:
+                raise DataError(f"{where(path, number)}: question {question.id!r} is also in "
+                                f"{first_seen[question.id]} (give each file once; all.parquet repeats the others)")
+            first_seen[question.id] = where(path, number)
+            questions.append(question)
     return questions
 
 
@@ -85,22 +88,34 @@ def _question(row: dict[str, Any], path: str | Path, number: int) -> EvalQuestio
                         messages=[dict(m) for m in messages], golden_answers=golds, extra_info=extra_info)
 
 
-def finished_ids(results_path: Path) -> set[str]:
-    """Ids already in a results file; a last line cut short by a crash is dropped from the file."""
+def read_result_lines(results_path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The readable records of a results file and how many lines were not (writes cut by a crash)."""
     if not results_path.is_file():
-        return set()
-    lines = results_path.read_text(encoding="utf-8").splitlines(keepends=True)
-    done, kept = set(), []
-    for line in lines:
+        return [], 0
+    records, broken = [], 0
+    for line in results_path.read_text(encoding="utf-8").splitlines():
         try:
-            done.add(json.loads(line)["id"])
-            kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            logger.warning("%s: dropping an unreadable line (an interrupted write)", results_path)
-    if len(kept) != len(lines) or (kept and not kept[-1].endswith("\n")):
-        results_path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept),
-                                encoding="utf-8")
-    return done
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+        else:
+            broken += 1
+    return records, broken
+
+
+def finished_ids(results_path: Path) -> set[str]:
+    """Ids already in this run's results file, after dropping lines cut short by a crash (they are redone)."""
+    records, broken = read_result_lines(results_path)
+    if broken:
+        logger.warning("%s: dropping %d unreadable line(s) (interrupted writes); they will be redone",
+                       results_path, broken)
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        staged = results_path.with_suffix(".jsonl.tmp")
+        staged.write_text(text, encoding="utf-8")
+        os.replace(staged, results_path)
+    return {record["id"] for record in records}
 
 
 def trainer_config(model_dir: str | Path, settings: EvalSettings) -> Any:
@@ -140,23 +155,30 @@ class Evaluator:
                               tokenizer=self.tokenizer, processor=None, dataset_cls=RLHFDataset,
                               data_config=DictConfigWrap(self.config.data))
 
-    async def run(self, questions: Sequence[EvalQuestion], progress: Any = None) -> int:
-        """Evaluate ``questions`` with at most ``concurrency`` in flight; returns how many finished."""
+    async def run(self, questions: Sequence[EvalQuestion], progress: Any = None) -> list[str]:
+        """Evaluate ``questions`` with at most ``concurrency`` in flight; returns the ids that failed.
+
+        A question whose generation fails is logged and left out of the results, so that a rerun retries it;
+        the others go on.
+        """
         limit = asyncio.Semaphore(self.settings.concurrency)
-        finished = 0
+        failed: list[str] = []
         with self.results_path.open("a", encoding="utf-8") as results:
             async def one(question: EvalQuestion) -> None:
-                nonlocal finished
                 async with limit:
-                    record = await self.evaluate(question)
+                    try:
+                        record = await self.evaluate(question)
+                    except Exception as error:  # noqa: BLE001 (any backend failure: keep the other questions)
+                        logger.error("%s failed: %s: %s", question.id, type(error).__name__, error)
+                        failed.append(question.id)
+                        return
                 results.write(json.dumps(record, ensure_ascii=False) + "\n")
                 results.flush()
-                finished += 1
                 if progress is not None:
                     progress.update(1)
 
             await asyncio.gather(*(one(question) for question in questions))
-        return finished
+        return failed
 
     async def evaluate(self, question: EvalQuestion) -> dict[str, Any]:
         sampling_params = {"temperature": self.settings.temperature, "top_p": self.settings.top_p,

@@ -15,16 +15,16 @@ class CharTokenizer:
 
 
 def test_completion_ids_prefer_the_servers_token_ids():
-    assert completion_ids({"text": "ignored", "token_ids": [5, 6]}, CharTokenizer(), ()) == [5, 6]
-    logprob_tokens = {"text": "x", "logprobs": {"tokens": ["token_id:7", "token_id:8"]}}
-    assert completion_ids(logprob_tokens, CharTokenizer(), ()) == [7, 8]
+    assert completion_ids({"text": "ignored", "token_ids": [5, 6]}, CharTokenizer()) == [5, 6]
 
 
-def test_completion_ids_restore_a_stop_string_the_server_cut():
-    choice = {"text": "<search> a, b ", "stop_reason": "</search>"}
-    assert completion_ids(choice, CharTokenizer(), ("</search>",)) == CharTokenizer().encode("<search> a, b </search>")
-    # a stop reason that is not one of ours (e.g. an EOS id) adds nothing
-    assert completion_ids({"text": "done", "stop_reason": 2}, CharTokenizer(), ("</search>",)) == CharTokenizer().encode("done")
+@pytest.mark.parametrize("stop_key", ["stop_reason", "matched_stop"])  # vLLM, SGLang
+def test_completion_ids_restore_a_stop_string_the_server_cut(stop_key):
+    choice = {"text": "<search> a, b ", "finish_reason": "stop", stop_key: "</search>"}
+    assert completion_ids(choice, CharTokenizer()) == CharTokenizer().encode("<search> a, b </search>")
+    # stopped on EOS (no stop string named): nothing is added
+    eos = {"text": "done", "finish_reason": "stop", stop_key: None}
+    assert completion_ids(eos, CharTokenizer()) == CharTokenizer().encode("done")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from ragr1_verl.data.cli import main as data_main
 from ragr1_verl.evaluation.cli import main as eval_main
-from tests.ragr1_verl.evaluation.openai_fake import ScriptedCompletions
+from tests.ragr1_verl.evaluation.openai_fake import REFUSE, ScriptedCompletions
 
 TURNS = {
     # question marker -> the model's turns, one per round
@@ -126,12 +126,12 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, demo_parquet, tiny_model_d
 
 
 @pytest.mark.slow
-def test_a_server_without_token_ids_gets_its_stop_string_back(tmp_path, demo_parquet, tiny_model_dir,
+def test_a_server_without_vllms_extensions_gets_its_stop_string_back(tmp_path, demo_parquet, tiny_model_dir,
                                                                demo_server):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with ScriptedCompletions(tokenizer, script, token_ids=False) as plain:
+    with ScriptedCompletions(tokenizer, script, flavor="openai") as plain:
         assert evaluate(tmp_path, demo_parquet, tiny_model_dir, plain.url, f"{demo_server[0]}/retrieve") == 0
     assert {marker: r["searches"] for marker, r in results(tmp_path).items()} == {
         "Sydney Opera House": 1, "Taj Mahal": 0, "Berlin Wall": 2}
@@ -167,3 +167,43 @@ def test_the_transformers_backend_runs_a_local_model_end_to_end(tmp_path, demo_p
     assert len(records) == 2
     assert all(0 < r["response_tokens"] <= 40 and r["turns"] >= 1 and r["em"] in (0.0, 1.0) for r in records)
     assert json.loads((out / "summary.json").read_text())[0]["questions"] == 2
+
+
+@pytest.mark.slow
+def test_a_refused_question_is_left_out_and_retried_by_the_rerun(tmp_path, demo_parquet, tiny_model_dir,
+                                                                 demo_server, caplog):
+    from transformers import AutoTokenizer
+
+    refusing = {"on": True}
+
+    def flaky(question_on: str, round_number: int) -> str:
+        return REFUSE if refusing["on"] and "Taj Mahal" in question_on else script(question_on, round_number)
+
+    retriever = f"{demo_server[0]}/retrieve"
+    with ScriptedCompletions(AutoTokenizer.from_pretrained(tiny_model_dir), flaky) as server:
+        assert evaluate(tmp_path, demo_parquet, tiny_model_dir, server.url, retriever) == 1
+        assert set(results(tmp_path)) == {"Sydney Opera House", "Berlin Wall"}
+        assert "maximum context length" in caplog.text and "rerun the same command" in caplog.text
+        refusing["on"] = False
+        assert evaluate(tmp_path, demo_parquet, tiny_model_dir, server.url, retriever) == 0
+    assert set(results(tmp_path)) == set(TURNS)
+
+
+@pytest.mark.slow
+def test_the_mode_brings_its_own_instructions_unless_the_data_prompt_is_asked_for(tmp_path, demo_parquet,
+                                                                                  tiny_model_dir, served,
+                                                                                  demo_server):
+    from transformers import AutoTokenizer
+
+    from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE
+
+    tokenizer, retriever = AutoTokenizer.from_pretrained(tiny_model_dir), f"{demo_server[0]}/retrieve"
+    sq_only, mq_only = "write a search query between", "separated by commas"
+    assert sq_only in SQ_PROMPT_TEMPLATE and mq_only in MQ_PROMPT_TEMPLATE  # the markers tell them apart
+    assert evaluate(tmp_path / "sq", demo_parquet, tiny_model_dir, served.url, retriever, "--mode", "sq") == 0
+    assert all(sq_only in tokenizer.decode(r["prompt"]) for r in served.requests)
+    served.requests.clear()
+    # the demo parquet was written with mq prompts: 'data' keeps them
+    assert evaluate(tmp_path / "data", demo_parquet, tiny_model_dir, served.url, retriever, "--mode", "sq",
+                    "--prompt-template", "data") == 0
+    assert all(mq_only in tokenizer.decode(r["prompt"]) for r in served.requests)

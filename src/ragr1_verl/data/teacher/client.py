@@ -75,6 +75,7 @@ class TeacherSettings:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    role: str = "teacher"  # how messages name the server ("the teacher at ...")
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -170,17 +171,80 @@ def template_renderer(tokenizer: Any) -> Callable[[Messages], str]:
     return render
 
 
-class Teacher:
-    """Generation rounds from the teacher, for one event loop. ``requests`` counts HTTP attempts."""
+class OpenAIClient:
+    """POSTs to one OpenAI-compatible endpoint with retries, for one event loop; the teacher's and
+    ``ragr1-eval``'s transport. ``requests`` counts HTTP attempts, ``retries`` the repeated ones."""
+
+    def __init__(self, settings: TeacherSettings):
+        self.settings = settings
+        self.requests = 0
+        self.retries = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON answer to ``body``; :class:`TeacherRejected` on a refusal, :class:`TeacherError` when the
+        server keeps failing."""
+        settings, error = self.settings, ""
+        for attempt in range(settings.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                # Full jitter: the workers that failed together do not come back together.
+                await asyncio.sleep(random.uniform(0, min(settings.backoff_max_s,
+                                                          settings.backoff_base_s * 2 ** (attempt - 1))))
+            self.requests += 1
+            reply = await self._attempt(body)
+            if reply.payload is not None:
+                return reply.payload
+            error = reply.error
+            logger.info("%s request failed (attempt %d of %d): %s", settings.role, attempt + 1,
+                        settings.max_retries + 1, error)
+        raise TeacherError(f"the {settings.role} at {settings.endpoint} failed {settings.max_retries + 1} times in "
+                           f"a row (last: {error}); is the server up and serving {settings.model!r}?")
+
+    async def _attempt(self, body: dict[str, Any]) -> _Reply:
+        endpoint, role = self.settings.endpoint, self.settings.role
+        try:
+            async with self._http().post(endpoint, json=body) as response:
+                status, raw = response.status, await response.read()
+        except asyncio.TimeoutError:
+            return _Reply(error=f"no answer within {self.settings.timeout_s:g}s")
+        except aiohttp.ClientError as err:
+            return _Reply(error=f"{type(err).__name__}: {err}")
+        if 200 <= status < 300:
+            try:
+                return _Reply(payload=json.loads(raw))
+            except ValueError:
+                raise TeacherError(f"the {role} at {endpoint} answered {status} with a body that is not JSON: "
+                                   f"{_message(raw)}") from None
+        error = f"HTTP {status}: {_message(raw)}"
+        if status >= 500 or status in _RETRY_STATUSES:
+            return _Reply(error=error)
+        raise TeacherRejected(status, f"the {role} at {endpoint} refused the request: {error}")
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else None
+            timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s,
+                                            sock_connect=self.settings.connect_timeout_s)
+            # No pool limit: the number of workers already bounds the requests in flight.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers,
+                                                  timeout=timeout)
+        return self._session
+
+
+class Teacher(OpenAIClient):
+    """Generation rounds from the teacher, for one event loop."""
 
     def __init__(self, settings: TeacherSettings, render: Callable[[Messages], str] | None = None):
         if settings.api == "completions" and render is None:
             raise ValueError("the completions API needs the teacher's chat template: pass --tokenizer")
-        self.settings = settings
-        self.requests = 0
-        self.retries = 0
+        super().__init__(settings)
         self._render = render
-        self._session: aiohttp.ClientSession | None = None
         self._warned_reasoning = False
 
     async def complete(self, messages: Messages, partial: str, sampling: Sampling) -> Completion:
@@ -189,13 +253,8 @@ class Teacher:
         Raises :class:`TeacherRejected` when the server refuses the request and :class:`TeacherError` when it
         keeps failing or answers nonsense.
         """
-        payload = await self._post(self._body(messages, partial, sampling))
+        payload = await self.post(self._body(messages, partial, sampling))
         return self._completion(payload)
-
-    async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
 
     def _body(self, messages: Messages, partial: str, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.settings.model, "max_tokens": sampling.max_tokens,
@@ -209,54 +268,6 @@ class Teacher:
                 body["messages"].append({"role": "assistant", "content": partial})
                 body.update(continue_final_message=True, add_generation_prompt=False)
         return {**body, **self.settings.extra_body}
-
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        settings, error = self.settings, ""
-        for attempt in range(settings.max_retries + 1):
-            if attempt:
-                self.retries += 1
-                # Full jitter: the workers that failed together do not come back together.
-                await asyncio.sleep(random.uniform(0, min(settings.backoff_max_s,
-                                                          settings.backoff_base_s * 2 ** (attempt - 1))))
-            self.requests += 1
-            reply = await self._attempt(body)
-            if reply.payload is not None:
-                return reply.payload
-            error = reply.error
-            logger.info("teacher request failed (attempt %d of %d): %s", attempt + 1, settings.max_retries + 1,
-                        error)
-        raise TeacherError(f"the teacher at {settings.endpoint} failed {settings.max_retries + 1} times in a row "
-                           f"(last: {error}); is the server up and serving {settings.model!r}?")
-
-    async def _attempt(self, body: dict[str, Any]) -> _Reply:
-        endpoint = self.settings.endpoint
-        try:
-            async with self._http().post(endpoint, json=body) as response:
-                status, raw = response.status, await response.read()
-        except asyncio.TimeoutError:
-            return _Reply(error=f"no answer within {self.settings.timeout_s:g}s")
-        except aiohttp.ClientError as err:
-            return _Reply(error=f"{type(err).__name__}: {err}")
-        if 200 <= status < 300:
-            try:
-                return _Reply(payload=json.loads(raw))
-            except ValueError:
-                raise TeacherError(f"the teacher at {endpoint} answered {status} with a body that is not JSON: "
-                                   f"{_message(raw)}") from None
-        error = f"HTTP {status}: {_message(raw)}"
-        if status >= 500 or status in _RETRY_STATUSES:
-            return _Reply(error=error)
-        raise TeacherRejected(status, f"the teacher at {endpoint} refused the request: {error}")
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else None
-            timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s,
-                                            sock_connect=self.settings.connect_timeout_s)
-            # No pool limit: the number of workers already bounds the requests in flight.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers,
-                                                  timeout=timeout)
-        return self._session
 
     def _completion(self, payload: Any) -> Completion:
         choices = payload.get("choices") if isinstance(payload, dict) else None
