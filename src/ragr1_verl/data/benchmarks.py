@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.data.io import DataError, staged_output
+from ragr1_verl.data.io import DataError, positive_int, staged_output
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -151,7 +151,7 @@ def add_parser(subparsers: Any) -> None:
                              "DIR/<name>.{jsonl,json,parquet} per benchmark; the hub is not used")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
                         help="split to read; auto = test, else dev (default)")
-    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N questions per benchmark, a seeded random subset (default: all)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --limit subsets (default 42)")
     parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
@@ -163,12 +163,6 @@ def add_parser(subparsers: Any) -> None:
                         help=f"hub dataset of the benchmarks (default {FLASHRAG_HUB})")
     parser.set_defaults(func=run)
 
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 def load_all(args: argparse.Namespace) -> list[LoadedSplit]:

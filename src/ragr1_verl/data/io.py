@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    import argparse
+
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 class DataError(Exception):
     """An input file (or hub source) that cannot be used; the message names the file, row and field."""
 

@@ -28,7 +28,7 @@ from ragr1_verl.data.benchmarks import (
     load_benchmark,
     parse_benchmarks,
 )
-from ragr1_verl.data.io import DataError, staged_output
+from ragr1_verl.data.io import DataError, positive_int, staged_output
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -67,12 +67,6 @@ def _test_size(value: str) -> float:
     return number
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -90,9 +84,9 @@ def add_parser(subparsers: Any) -> None:
                         help="prompt template family, and RAG-R1 set for --source ragr1 (default mq)")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                         help="'mq', 'sq', a template string with {question}, or a file holding one")
-    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N training questions, a seeded random subset (default: all)")
-    parser.add_argument("--test-limit", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--test-limit", type=positive_int, default=None, metavar="N",
                         help="at most N test questions, a seeded random subset (default: all)")
     parser.add_argument("--seed", type=int, default=42, help="seed of subsets and hold-outs (default 42)")
     _add_source_options(parser)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl.config import TOKEN_ENV, URL_ENV, load_config
-from ragr1_verl.data.io import DataError
+from ragr1_verl.data.io import DataError, positive_int
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -73,7 +73,7 @@ def _question_arguments(group: argparse._ArgumentGroup) -> None:
                         help="demo: the questions bundled with the retriever's demo corpus")
     group.add_argument("--data-source", default=None, metavar="NAME",
                        help="data_source of rows that carry none (default: the file's stem)")
-    group.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--limit", type=positive_int, default=None, metavar="N",
                        help="a seeded random subset of N questions (the paper used part of HotpotQA's train set)")
     group.add_argument("--seed", type=int, default=42,
                        help="seed of the subset and of the RL data selection (default 42)")
@@ -93,9 +93,9 @@ def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--temperature", type=float, default=0.7, metavar="T",
                        help="sampling temperature of the first attempt (default 0.7; the paper does not give it)")
     group.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default 1.0")
-    group.add_argument("--max-tokens-per-turn", type=_positive_int, default=1024, metavar="N",
+    group.add_argument("--max-tokens-per-turn", type=positive_int, default=1024, metavar="N",
                        help="token cap of one generation round (default 1024)")
-    group.add_argument("--concurrency", type=_positive_int, default=32, metavar="N",
+    group.add_argument("--concurrency", type=positive_int, default=32, metavar="N",
                        help="trajectories in flight (default 32)")
     group.add_argument("--teacher-timeout", type=float, default=600.0, metavar="S",
                        help="seconds for one request (default 600)")
@@ -117,10 +117,10 @@ def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
                             "(default: the mode's)")
     group.add_argument("--max-turns", type=int, default=4, metavar="N",
                        help="rounds that may search before the final round (default 4, as in training)")
-    group.add_argument("--topk", type=_positive_int, default=3, metavar="K", help="passages per query (default 3)")
-    group.add_argument("--max-queries", type=_positive_int, default=3, metavar="N",
+    group.add_argument("--topk", type=positive_int, default=3, metavar="K", help="passages per query (default 3)")
+    group.add_argument("--max-queries", type=positive_int, default=3, metavar="N",
                        help="queries per search in mq mode (default 3)")
-    group.add_argument("--max-obs-tokens", type=_positive_int, default=1000, metavar="N",
+    group.add_argument("--max-obs-tokens", type=positive_int, default=1000, metavar="N",
                        help="cut of each query's retrieved text, in teacher tokens (default 1000; needs --tokenizer)")
     group.add_argument("--observation-format", choices=("ragr1", "search_r1"), default="ragr1",
                        help="default ragr1 (RAG-R1's JSON object in mq mode)")
@@ -234,13 +234,6 @@ def _report(summary: RunSummary, out: Path) -> None:
     if summary.selection is not None:
         logger.info("wrote %s: %d training and %d validation (test.parquet) questions", out,
                     summary.selection["train"], summary.selection["test"])
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl.config import ConfigError, load_config, resolve_prompt_template
-from ragr1_verl.data.io import DataError
+from ragr1_verl.data.io import DataError, positive_int
 from ragr1_verl.evaluation import report
 from ragr1_verl.evaluation.runner import (
     RESULTS_FILE,
@@ -37,12 +37,6 @@ logger = logging.getLogger("ragr1_verl.evaluation")
 RUN_FILE = "run.json"
 SMOLLM2 = "smollm2"
 
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
