@@ -46,8 +46,11 @@ class SamplingSettings:
     @classmethod
     def from_request(cls, params: Mapping[str, Any], default_max_tokens: int) -> SamplingSettings:
         params = dict(params)
-        max_tokens = params.pop("max_tokens", None) or params.pop("max_new_tokens", None) or default_max_tokens
+        max_tokens = params.pop("max_tokens", None)
+        max_tokens = max_tokens or params.pop("max_new_tokens", None) or default_max_tokens
+        params.pop("max_new_tokens", None)
         stop = params.pop("stop", None) or ()
+        logprobs = params.pop("logprobs", True)  # vLLM: a count of extra top logprobs; 0 still gives the token's
         settings = cls(
             max_tokens=int(max_tokens),
             temperature=float(params.pop("temperature", 1.0)),
@@ -56,7 +59,7 @@ class SamplingSettings:
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             stop_token_ids=tuple(int(t) for t in params.pop("stop_token_ids", None) or ()),
             ignore_eos=bool(params.pop("ignore_eos", False)),
-            logprobs=params.pop("logprobs", True) not in (False, None),
+            logprobs=logprobs is not None and logprobs is not False,
             seed=params.pop("seed", None),
         )
         _note_unsupported(params)

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from verl.plugin.platform import PlatformBase  # loaded before plugins: importing it here is free
 
 logger = logging.getLogger(__name__)
 
@@ -106,92 +107,84 @@ class CPUDeviceModule:
     manual_seed_all = manual_seed
 
 
-def _platform_class():
-    """Built on first use: ``verl.plugin.platform`` is only importable once ``import verl`` has begun."""
-    from verl.plugin.platform import PlatformBase
+class PlatformCPU(PlatformBase):
+    """verl platform for the ``cpu`` device (gloo collectives, logical Ray GPUs)."""
 
-    class PlatformCPU(PlatformBase):
-        """verl platform for the ``cpu`` device (gloo collectives, logical Ray GPUs)."""
+    device_name = "cpu"
+    vendor_name = "cpu"
 
-        device_name = "cpu"
-        vendor_name = "cpu"
+    def __init__(self):
+        self._device_module = CPUDeviceModule()
 
-        def __init__(self):
-            self._device_module = CPUDeviceModule()
+    @property
+    def device_module(self) -> ModuleType:
+        return self._device_module  # type: ignore[return-value]
 
-        @property
-        def device_module(self) -> ModuleType:
-            return self._device_module  # type: ignore[return-value]
+    def is_available(self) -> bool:
+        return True
 
-        def is_available(self) -> bool:
-            return True
+    def current_device(self) -> str:  # verl passes it to .to(...): "cpu" works there, an index would not
+        return "cpu"
 
-        def current_device(self) -> str:  # verl passes it to .to(...): "cpu" works there, an index would not
-            return "cpu"
+    def device_count(self) -> int:
+        return 1
 
-        def device_count(self) -> int:
-            return 1
+    def set_device(self, device_index: int) -> None:
+        return None
 
-        def set_device(self, device_index: int) -> None:
-            return None
+    def synchronize(self, device_index: int | None = None) -> None:
+        return None
 
-        def synchronize(self, device_index: int | None = None) -> None:
-            return None
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
-        def manual_seed(self, seed: int) -> None:
-            torch.manual_seed(seed)
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
-        def manual_seed_all(self, seed: int) -> None:
-            torch.manual_seed(seed)
+    def set_allocator_settings(self, settings: str) -> None:
+        return None
 
-        def set_allocator_settings(self, settings: str) -> None:
-            return None
+    def empty_cache(self) -> None:
+        return None
 
-        def empty_cache(self) -> None:
-            return None
+    def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
+        return None, None
 
-        def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
-            return None, None
+    def communication_backend_name(self) -> str:
+        return "gloo"
 
-        def communication_backend_name(self) -> str:
-            return "gloo"
+    def visible_devices_envvar(self) -> str:
+        return "CUDA_VISIBLE_DEVICES"  # what Ray sets for the logical GPUs; harmless on CPU
 
-        def visible_devices_envvar(self) -> str:
-            return "CUDA_VISIBLE_DEVICES"  # what Ray sets for the logical GPUs; harmless on CPU
+    @contextlib.contextmanager
+    def nvtx_range(self, msg: str):
+        yield
 
-        @contextlib.contextmanager
-        def nvtx_range(self, msg: str):
-            yield
+    def profiler_start(self) -> None:
+        return None
 
-        def profiler_start(self) -> None:
-            return None
+    def profiler_stop(self) -> None:
+        return None
 
-        def profiler_stop(self) -> None:
-            return None
+    def ray_resource_name(self) -> str:
+        return "GPU"
 
-        def ray_resource_name(self) -> str:
-            return "GPU"
+    def ray_noset_envvars(self) -> list[str]:
+        return []
 
-        def ray_noset_envvars(self) -> list[str]:
-            return []
+    def is_ipc_supported(self) -> bool:
+        return False
 
-        def is_ipc_supported(self) -> bool:
-            return False
-
-        def cudart(self) -> Any:
-            return None
-
-    return PlatformCPU
+    def cudart(self) -> Any:
+        return None
 
 
-def install_platform() -> Any:
+def install_platform() -> PlatformBase:
     """Register the CPU platform (``VERL_PLATFORM=ragr1_cpu`` also picks it) and make it the current one."""
-    from verl.plugin.platform import PlatformRegistry, get_platform, set_platform
+    from verl.plugin.platform import PlatformRegistry, platform_manager, set_platform
 
-    platform_class = PlatformRegistry.get(PLATFORM_NAME) or PlatformRegistry.register(PLATFORM_NAME)(_platform_class())
-    from verl.plugin.platform import platform_manager
-
+    platform_class = PlatformRegistry.get(PLATFORM_NAME) or PlatformRegistry.register(PLATFORM_NAME)(PlatformCPU)
     current = platform_manager._current_platform  # read without triggering detection (it would pick CUDA)
     if not isinstance(current, platform_class):
         set_platform(platform_class())
-    return get_platform()
+    return platform_manager.get_platform()

@@ -92,10 +92,12 @@ def test_masks_and_rewards_reached_the_trainer(ppo_run):
 def test_weight_sync_moved_the_rollout_to_the_updated_actor(ppo_run):
     metrics, _, _ = ppo_run
     # After step 1's large update the actor has left the reference (KL > 0); the step-2 rollout still agrees
-    # with the actor's recomputed log-probs, and its weights carry step 1's version (no staleness).
+    # with the actor's recomputed log-probs (float32 on both sides: ~1e-9 here), and its weights carry step 1's
+    # version (no staleness). With the weight push disabled, the same run gives a step-2 diff of 7e-3, a
+    # correlation of 0.24 and a staleness of 1.
     assert abs(metrics[2]["actor/reward_kl_penalty"]) > 1e-4
-    assert metrics[2]["training/rollout_probs_diff_max"] < 5e-3
-    assert metrics[2]["training/rollout_actor_probs_pearson_corr"] > 0.99
+    assert metrics[2]["training/rollout_probs_diff_max"] < 1e-4
+    assert metrics[2]["training/rollout_actor_probs_pearson_corr"] > 0.999
     assert metrics[2]["training/off_policy/trajectory_staleness/max"] == 0
 
 
