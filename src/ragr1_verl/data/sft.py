@@ -378,9 +378,9 @@ def _released_row(path: Path, number: int, record: dict[str, Any], options: _Opt
     if not _string_list(answers):
         raise DataError(f"{where(path, number, 'golden_answers')}: expected a string or a list of strings")
     question = record.get("question") if isinstance(record.get("question"), str) else _question(prompt)
+    row_id = record.get("id") if record.get("id") is not None else f"{path.name}:{number}"  # null ids too
     return SFTRow(options.data_source or RELEASED_DATA_SOURCE, prompt, trajectory.text, question,
-                  list(answers), str(record.get("id", f"{path.name}:{number}")), ORIGIN_RELEASED,
-                  trajectory.searches, trajectory.kinds)
+                  list(answers), str(row_id), ORIGIN_RELEASED, trajectory.searches, trajectory.kinds)
 
 
 def _alpaca(path: Path, number: int, record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:

@@ -362,13 +362,16 @@ def test_a_run_stopped_by_the_teacher_keeps_its_finished_work_and_the_rerun_comp
     assert len(read_jsonl(tmp_path / ATTEMPTS)) == 5
 
 
-def test_a_folder_made_with_other_settings_is_refused(generate, tmp_path, caplog):
+@pytest.mark.parametrize("change, field", [(("--mode", "sq"), "mode"),
+                                           (("--extra-body", '{"top_k": 20}'), "extra_body"),
+                                           (("--api", "chat"), "api")])
+def test_a_folder_made_with_other_settings_is_refused(generate, tmp_path, caplog, change, field):
     with ScriptedTeacher(SCRIPT) as teacher:
         assert generate(tmp_path, teacher) == 0
         asked = len(teacher.calls)
-        assert generate(tmp_path, teacher, "--mode", "sq") == 2
+        assert generate(tmp_path, teacher, *change) == 2
         assert len(teacher.calls) == asked
-    assert "run.json, field 'mode'" in caplog.text and "'mq'" in caplog.text
+    assert f"run.json, field '{field}'" in caplog.text
 
 
 def test_a_damaged_log_line_is_an_error_naming_the_row(generate, tmp_path, caplog):

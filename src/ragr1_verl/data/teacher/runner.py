@@ -57,10 +57,11 @@ class RunSettings:
     selection: SelectionSettings | None = None
     progress: bool = True
 
-    def manifest(self, teacher_model: str) -> dict[str, Any]:
+    def manifest(self, teacher: TeacherSettings) -> dict[str, Any]:
         """The settings that shape the trajectories (see :func:`~.store.check_manifest`)."""
         config = self.config
-        values = {"mode": config.mode, "teacher_model": teacher_model, "template": self.template,
+        values = {"mode": config.mode, "teacher_model": teacher.model, "api": teacher.api,
+                  "extra_body": dict(teacher.extra_body), "template": self.template,
                   "observation_format": config.observation_format, "topk": config.topk,
                   "max_turns": config.max_turns, "max_queries_per_search": config.max_queries_per_search,
                   "over_query_cap": config.over_query_cap, "query_separator": config.query_separator,
@@ -93,7 +94,7 @@ async def generate(questions: Sequence[Question], settings: RunSettings, teacher
     """Run the teacher on every question not done yet in ``out_dir``, then rewrite the kept file and, with a
     selection, write the stage-2 RL parquet files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_manifest(out_dir / MANIFEST_FILE, settings.manifest(teacher_settings.model))
+    check_manifest(out_dir / MANIFEST_FILE, settings.manifest(teacher_settings))
     log = AttemptLog(out_dir / ATTEMPTS_FILE)
     states = _states(questions, log.load())
     teacher = Teacher(teacher_settings, render)

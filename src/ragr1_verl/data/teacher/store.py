@@ -141,17 +141,20 @@ def write_kept(log_path: Path, kept_path: Path, ids: Collection[str]) -> int:
     staging = kept_path.with_name(f".{kept_path.name}.tmp")
     seen: set[str] = set()
     unusable = 0
-    with staging.open("wb") as target, log_path.open("rb") as source:
-        for line in source:
-            row = _complete_row(line)
-            if not _exact_first_attempt(row, ids) or row["id"] in seen:
-                continue
-            if not _segmentable(row.get("trajectory")):
-                unusable += 1
-                continue
-            seen.add(row["id"])
-            target.write(line)
-    os.replace(staging, kept_path)
+    try:
+        with staging.open("wb") as target, log_path.open("rb") as source:
+            for line in source:
+                row = _complete_row(line)
+                if not _exact_first_attempt(row, ids) or row["id"] in seen:
+                    continue
+                if not _segmentable(row.get("trajectory")):
+                    unusable += 1
+                    continue
+                seen.add(row["id"])
+                target.write(line)
+        os.replace(staging, kept_path)
+    finally:
+        staging.unlink(missing_ok=True)  # only left when something failed before the rename
     if unusable:
         logger.info("%d exact-match trajectories break the tag protocol (a format reminder, or <information> "
                     "written by the teacher) and are not kept", unusable)
