@@ -56,24 +56,15 @@ def _title(contents: str) -> str:
 
 def run_demo(kind: str = "dense", questions_per_request: int = 3) -> list[str]:
     """Serve the demo index on a free loopback port, query it over HTTP, stop; returns the report lines."""
-    from retriever_server.app import create_app
-    from retriever_server.batcher import BatchingConfig
-    from retriever_server.http_server import WaitressServer
-    from retriever_server.service import LoadOptions, RetrievalService
+    from retriever_server.http_server import serving
 
-    service = RetrievalService(ensure_demo_index(kind, show_progress=True), LoadOptions(), BatchingConfig())
-    service.load()
-    server = WaitressServer(create_app(service), port=0).start_in_thread()
-    try:
+    with serving(ensure_demo_index(kind, show_progress=True)) as (url, service):
         questions = load_demo_questions()
-        lines = [f"demo retriever ({kind}, {len(service.corpus)} passages) on {server.url}", ""]
+        lines = [f"demo retriever ({kind}, {len(service.corpus)} passages) on {url}", ""]
         sample = [q for q in questions if q["type"] == "multi-hop"][:1] + \
                  [q for q in questions if q["type"] == "single-hop"][:questions_per_request - 1]
-        lines += _show_one_request(server.url, sample)
-        lines += _recall_summary(server.url, questions)
-    finally:
-        server.stop()
-        service.close()
+        lines += _show_one_request(url, sample)
+        lines += _recall_summary(url, questions)
     return lines
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from waitress.server import create_server
 
@@ -43,3 +47,25 @@ class WaitressServer:
         self._server.task_dispatcher.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def serving(index_dir: Path, *, options: Any = None, batching: Any = None, load: bool = True,
+            **app_kwargs: Any) -> Iterator[tuple[str, Any]]:
+    """Serve an index from a thread on a free loopback port for the block; yields (base URL, service).
+
+    The embedded demos and the tests use it; ``ragr1-retriever serve`` runs its server in the foreground.
+    """
+    from retriever_server.app import create_app
+    from retriever_server.batcher import BatchingConfig
+    from retriever_server.service import LoadOptions, RetrievalService
+
+    service = RetrievalService(index_dir, options or LoadOptions(), batching or BatchingConfig())
+    if load:
+        service.load()
+    server = WaitressServer(create_app(service, **app_kwargs), port=0).start_in_thread()
+    try:
+        yield server.url, service
+    finally:
+        server.stop()
+        service.close()

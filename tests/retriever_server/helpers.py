@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
-from retriever_server.app import create_app
-from retriever_server.batcher import BatchingConfig
-from retriever_server.http_server import WaitressServer
-from retriever_server.service import LoadOptions, RetrievalService
-
-
-@contextmanager
-def serving(index_dir: Path, *, options: LoadOptions = LoadOptions(), batching: BatchingConfig = BatchingConfig(),
-            load: bool = True, **app_kwargs):
-    """A real waitress server on a free loopback port around a (loaded) service; yields (url, service)."""
-    service = RetrievalService(index_dir, options, batching)
-    if load:
-        service.load()
-    server = WaitressServer(create_app(service, **app_kwargs), port=0).start_in_thread()
-    try:
-        yield server.url, service
-    finally:
-        server.stop()
-        service.close()
+from retriever_server.http_server import serving  # noqa: F401 (the tests' server fixture, re-exported)
 
 
 def post_retrieve(url: str, payload, **kwargs) -> requests.Response:

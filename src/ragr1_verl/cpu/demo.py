@@ -138,27 +138,21 @@ def _retriever(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from retriever_server.app import create_app
-    from retriever_server.batcher import BatchingConfig
     from retriever_server.demo import ensure_demo_index
-    from retriever_server.http_server import WaitressServer
-    from retriever_server.service import LoadOptions, RetrievalService
+    from retriever_server.http_server import serving
+    from retriever_server.service import LoadOptions
 
     logger.info("starting the demo retriever (the index is built once, then cached)")
     # One thread each: its load is a few small batches, and training needs the cores.
     options = LoadOptions(omp_threads=1, torch_threads=1)
-    service = RetrievalService(ensure_demo_index("dense", show_progress=True), options, BatchingConfig())
-    service.load()
-    server = WaitressServer(create_app(service), port=0).start_in_thread()
-    try:
-        logger.info("demo retriever on %s (%d passages)", server.url, len(service.corpus))
-        yield f"{server.url}/retrieve"
-    finally:
-        queries = service.metrics.registry.get_sample_value("ragr1_retriever_queries_total") or 0
-        logger.info("the demo retriever answered %d search queries during the run", queries)
-        server.stop()
-        service.close()
-        logger.info("demo retriever stopped")
+    with serving(ensure_demo_index("dense", show_progress=True), options=options) as (base_url, service):
+        try:
+            logger.info("demo retriever on %s (%d passages)", base_url, len(service.corpus))
+            yield f"{base_url}/retrieve"
+        finally:
+            queries = service.metrics.registry.get_sample_value("ragr1_retriever_queries_total") or 0
+            logger.info("the demo retriever answered %d search queries during the run", queries)
+    logger.info("demo retriever stopped")
 
 
 def _train(command: list[str], run: Run) -> int:

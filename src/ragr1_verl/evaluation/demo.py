@@ -29,18 +29,9 @@ def demo_data(out_dir: Path) -> Path:
 @contextlib.contextmanager
 def demo_retriever() -> Iterator[str]:
     """The ``/retrieve`` URL of the demo index, served from a thread until the block ends."""
-    from retriever_server.app import create_app
-    from retriever_server.batcher import BatchingConfig
     from retriever_server.demo import ensure_demo_index
-    from retriever_server.http_server import WaitressServer
-    from retriever_server.service import LoadOptions, RetrievalService
+    from retriever_server.http_server import serving
 
-    service = RetrievalService(ensure_demo_index("dense", show_progress=True), LoadOptions(), BatchingConfig())
-    service.load()
-    server = WaitressServer(create_app(service), port=0).start_in_thread()
-    logger.info("demo retriever on %s", server.url)
-    try:
-        yield f"{server.url}/retrieve"
-    finally:
-        server.stop()
-        service.close()
+    with serving(ensure_demo_index("dense", show_progress=True)) as (url, _):
+        logger.info("demo retriever on %s", url)
+        yield f"{url}/retrieve"
