@@ -134,6 +134,21 @@ def hub_failure(what: str, error: BaseException) -> DataError:
                      "with --input-dir")
 
 
+def download_hub_dataset(repo: str) -> Path:
+    """A local snapshot of a hub dataset's data files (RAG-R1's RL or SFT sets); any failure names it."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise DataError(f"hub dataset {repo!r}: huggingface_hub is not installed; pass a local copy with "
+                        "--input-dir") from None
+    try:
+        return Path(snapshot_download(repo_id=repo, repo_type="dataset",
+                                      allow_patterns=["*.json", "*.jsonl", "*.parquet"]))
+    # huggingface_hub raises its own errors, requests' and OSError subclasses for the same network failure
+    except Exception as error:  # noqa: BLE001
+        raise hub_failure(f"hub dataset {repo!r} could not be downloaded", error) from None
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval", help="the seven QA benchmarks (or the demo questions) as verl parquet, one file each",

@@ -24,7 +24,7 @@ from typing import Any
 from ragr1_verl.data.benchmarks import (
     BENCHMARKS,
     FLASHRAG_HUB,
-    hub_failure,
+    download_hub_dataset,
     load_benchmark,
     parse_benchmarks,
 )
@@ -177,27 +177,12 @@ def _from_flashrag(args: argparse.Namespace) -> RlSplits:
 
 def _from_ragr1(args: argparse.Namespace) -> RlSplits:
     variant = args.ragr1_set or args.mode
-    root = Path(args.input_dir) if args.input_dir else _download_ragr1(args.hub_dataset or RAGR1_HUB)
+    root = Path(args.input_dir) if args.input_dir else download_hub_dataset(args.hub_dataset or RAGR1_HUB)
     files = {role: _ragr1_file(root, variant, role) for role in RAGR1_FILES}
     source = RAGR1_FOLDERS[variant]  # RAG-R1's own data_source names
     train = read_question_file(files["train"], data_source=source, split="train")
     test = read_question_file(files["test"], data_source=source, split="test")
     return RlSplits(train, test, f"RAG-R1 {variant} set ({files['train'].parent})")
-
-
-def _download_ragr1(repo: str) -> Path:
-    """A local snapshot of the hub dataset's question files; any failure names the source."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise DataError(f"hub dataset {repo!r}: huggingface_hub is not installed; pass a local copy with "
-                        "--input-dir") from None
-    try:
-        return Path(snapshot_download(repo_id=repo, repo_type="dataset",
-                                      allow_patterns=["*.json", "*.jsonl", "*.parquet"]))
-    # huggingface_hub raises its own errors, requests' and OSError subclasses for the same network failure
-    except Exception as error:  # noqa: BLE001
-        raise hub_failure(f"hub dataset {repo!r} could not be downloaded", error) from None
 
 
 def _ragr1_file(root: Path, variant: str, role: str) -> Path:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl import protocol
+from ragr1_verl.data.benchmarks import download_hub_dataset
 from ragr1_verl.data.io import DataError, read_records, staged_output, where
 
 logger = logging.getLogger(__name__)
@@ -230,21 +231,8 @@ def _input_files(args: argparse.Namespace) -> list[Path]:
         if misplaced:
             raise DataError(f"--{misplaced[0].replace('_', '-')} only applies to --source ragr1")
         return [Path(path) for path in args.input]
-    root = Path(args.input_dir) if args.input_dir else _download(args.hub_dataset or RAGR1_SFT_HUB)
+    root = Path(args.input_dir) if args.input_dir else download_hub_dataset(args.hub_dataset or RAGR1_SFT_HUB)
     return [_released_file(root, args.ragr1_set or "mq")]
-
-
-def _download(repo: str) -> Path:
-    """A local snapshot of the hub dataset; any failure names it and says how to work offline."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=repo, repo_type="dataset",
-                                      allow_patterns=["*.json", "*.jsonl", "*.parquet"]))
-    # huggingface_hub raises its own errors, requests' and OSError subclasses for the same network failure
-    except Exception as error:  # noqa: BLE001
-        raise DataError(f"hub dataset {repo!r} could not be downloaded: {error}. Without network access, "
-                        "download it elsewhere and pass the folder with --input-dir") from None
 
 
 def _released_file(root: Path, variant: str) -> Path:
