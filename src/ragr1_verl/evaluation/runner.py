@@ -195,8 +195,7 @@ def trajectory_record(question: EvalQuestion, output: Any, tokenizer: Any, secon
     trajectory = tokenizer.decode(output.response_ids, skip_special_tokens=True)
     extra = {key.removeprefix("ragr1/"): value for key, value in output.extra_fields.items()
              if key.startswith("ragr1/")}
-    scores = compute_score(question.data_source, trajectory, question.golden_answers,
-                           {f"ragr1/{key}": value for key, value in extra.items()})
+    scores = compute_score(question.data_source, trajectory, question.golden_answers, output.extra_fields)
     return {
         "id": question.id, "data_source": question.data_source, "question": question.question,
         "golden_answers": question.golden_answers, "answer": extract_answer(trajectory),
