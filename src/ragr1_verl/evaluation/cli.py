@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(needs the retriever extra); --data and --retriever-url are then not needed")
     parser.add_argument("--out", required=True, type=Path, help="run folder (created; resumed if present)")
     backend = parser.add_argument_group("generation")
-    backend.add_argument("--backend", choices=("transformers", "openai"), default="transformers")
+    backend.add_argument("--backend", choices=("transformers", "openai"), default="transformers",
+                         help="transformers: a local model; openai: an OpenAI-compatible /v1/completions server")
     backend.add_argument("--model", default="smollm2",
                          help="model folder (transformers), or the tokenizer folder of the served model (openai); "
                               "'smollm2' is the offline SmolLM2-135M-Instruct")
@@ -60,34 +61,41 @@ def build_parser() -> argparse.ArgumentParser:
                          help="questions in flight (default: 32 for openai; 1 for transformers, which generates "
                               "one sequence at a time, so that seconds per question are not queueing time)")
     backend.add_argument("--temperature", type=float, default=0.7, help="paper: 0.7")
-    backend.add_argument("--top-p", type=float, default=1.0)
+    backend.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     backend.add_argument("--greedy", action="store_true", help="temperature 0")
     backend.add_argument("--seed", type=int, default=0, help="sampling seed (sent to the server as `seed`)")
-    backend.add_argument("--max-prompt-tokens", type=positive_int, default=2048)
-    backend.add_argument("--max-response-tokens", type=positive_int, default=6144)
+    backend.add_argument("--max-prompt-tokens", type=positive_int, default=2048,
+                         help="longer prompts are cut, as verl cuts them (rollout.prompt_length)")
+    backend.add_argument("--max-response-tokens", type=positive_int, default=6144,
+                         help="all rounds and observations together (rollout.response_length; paper: 8192 in all)")
     _add_rollout_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="evaluate the first N questions of each file")
     parser.add_argument("--overwrite", action="store_true", help="discard previous results in --out")
     parser.add_argument("--compare", type=Path, metavar="RUN_DIR", help="another run to put side by side")
     parser.add_argument("--labels", nargs=2, metavar=("OTHER", "THIS"), help="names of --compare and --out")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
 
 def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
     rollout = parser.add_argument_group("rollout (the ragr1 section; see the README's configuration reference)")
     rollout.add_argument("--retriever-url", default=os.environ.get("RAGR1_RETRIEVER_URL",
-                                                                   "http://127.0.0.1:8000/retrieve"))
-    rollout.add_argument("--retriever-token", default=os.environ.get("RAGR1_RETRIEVER_TOKEN"))
-    rollout.add_argument("--mode", choices=("mq", "sq"), default="mq")
+                                                                   "http://127.0.0.1:8000/retrieve"),
+                         help="ragr1.retriever.url (env RAGR1_RETRIEVER_URL)")
+    rollout.add_argument("--retriever-token", default=os.environ.get("RAGR1_RETRIEVER_TOKEN"),
+                         help="bearer token of the retriever (env RAGR1_RETRIEVER_TOKEN)")
+    rollout.add_argument("--mode", choices=("mq", "sq"), default="mq",
+                         help="ragr1.mode: several queries per search, or one")
     rollout.add_argument("--max-turns", type=positive_int, default=5,
                          help="searches allowed (paper: 5 at evaluation)")
-    rollout.add_argument("--topk", type=positive_int, default=3)
+    rollout.add_argument("--topk", type=positive_int, default=3, help="documents per query (paper: 3)")
     rollout.add_argument("--prompt-template",
                          help="mq, sq, a template with {question}, a file, or 'data' for the prompt stored in the "
                               "data (default: the template of --mode, re-rendered from extra_info.question)")
-    rollout.add_argument("--max-obs-tokens-per-query", type=positive_int, default=1000)
-    rollout.add_argument("--max-tokens-per-turn", type=positive_int, default=500)
+    rollout.add_argument("--max-obs-tokens-per-query", type=positive_int, default=1000,
+                         help="ragr1.max_obs_tokens_per_query (paper: 1000)")
+    rollout.add_argument("--max-tokens-per-turn", type=positive_int, default=500,
+                         help="ragr1.max_tokens_per_turn (paper: 500)")
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:
