@@ -9,6 +9,9 @@ reads ``token_ids`` and ``log_probs`` of the answer, exactly as in training. Two
   SGLang), else its text is tokenized.
 - :class:`TransformersBackend`: a local transformers model, CPU or GPU, one generation at a time in a
   thread so the event loop (and the retriever client) keeps running.
+- :class:`BatchedCPUBackend`: a local model on the CPU, the questions in flight decoded together as one
+  left-padded batch by the CPU rollout's generation server (the one verl's trainer uses on CPU), so that
+  evaluating many questions costs little more than one.
 """
 
 from __future__ import annotations
@@ -127,6 +130,24 @@ class TransformersBackend:
 
     async def close(self) -> None:
         return None
+
+
+class BatchedCPUBackend:
+    """The ``hf_cpu`` rollout's generation server, run in this process: concurrent requests share a batch."""
+
+    def __init__(self, model_dir: str, *, seed: int = 0, max_batch_size: int = 64):
+        from ragr1_verl.cpu.rollout import CPUGenerationServer
+
+        # default_max_tokens is never used: the agent loop sends max_tokens with every request
+        self.server = CPUGenerationServer(str(model_dir), default_max_tokens=1, seed=seed,
+                                          max_batch_size=max_batch_size)
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       **_: Any) -> TokenOutput:
+        return await self.server.generate(list(prompt_ids), sampling_params, request_id=request_id)
+
+    async def close(self) -> None:
+        await self.server.close()
 
 
 def _without_padding(ids: list[int], logprobs: list[float], pad_id: int | None,

@@ -54,3 +54,27 @@ def test_transformers_greedy_ids_and_logprobs_match_a_forward_pass(tiny_model):
         assert logprob == pytest.approx(float(expected[token]), abs=1e-4)
         ids.append(token)
     assert 0 < len(output.token_ids) <= 6
+
+
+def test_batched_cpu_backend_decodes_concurrent_questions_as_the_single_backend_does(tiny_model, tmp_path):
+    """Questions in flight together are decoded as one left-padded batch, with the same greedy tokens."""
+    from ragr1_verl.evaluation.backends import BatchedCPUBackend
+
+    model, tokenizer = tiny_model
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = [tokenizer.encode(text, add_special_tokens=False)
+               for text in ("Question: where is the Eiffel Tower?", "Who?", "Question: when did the wall fall")]
+    params = {"max_tokens": 5, "temperature": 0.0, "top_k": -1, "logprobs": False}
+
+    async def run_batched():
+        backend = BatchedCPUBackend(str(tmp_path))
+        try:
+            return await asyncio.gather(*(backend.generate(f"r{i}", prompt_ids=p, sampling_params=params)
+                                          for i, p in enumerate(prompts)))
+        finally:
+            await backend.close()
+
+    single = TransformersBackend(model, tokenizer)
+    expected = [asyncio.run(single.generate("s", prompt_ids=p, sampling_params=params)).token_ids for p in prompts]
+    assert [output.token_ids for output in asyncio.run(run_batched())] == expected
