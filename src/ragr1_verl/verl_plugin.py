@@ -8,6 +8,9 @@ after ``verl.experimental.agent_loop.agent_loop`` is first imported. Nothing hea
 ``VERL_USE_EXTERNAL_PLUGINS=none`` turns it off; ``ragr1_verl/configs/agent_loop.yaml`` does the same job
 through ``rollout.agent.agent_loop_config_path``.
 
+It adds RAG-R1's ``ragr1/...`` means to verl's per-step training metrics (:mod:`ragr1_verl.metrics`), on every
+device, once verl's trainer module has been imported.
+
 It also switches on the CPU backend (:mod:`ragr1_verl.cpu`), but only when selected (``RAGR1_CPU_BACKEND=1``,
 or a ``+recipe=ragr1_cpu*`` command line): otherwise verl is left as it is (only the OmegaConf resolver the CPU
 recipes use for their default model and data is registered, so that they compose and resolve anywhere).
@@ -60,6 +63,15 @@ def install() -> None:
 
 
 install()
+
+
+def install_training_metrics() -> None:
+    from ragr1_verl import metrics
+
+    metrics.install()
+
+
+install_training_metrics()
 
 
 def activate_cpu_backend_if_selected() -> None:
