@@ -8,9 +8,10 @@ assets (:mod:`.assets`) and the ``ragr1-verl-demo`` launcher (:mod:`.demo`).
 Selection. Nothing here is active unless chosen, so a GPU user importing the plugin gets verl untouched:
 
 - ``RAGR1_CPU_BACKEND=1`` in the environment turns it on (``0`` forces it off);
-- otherwise a command line choosing a ``ragr1_cpu*`` recipe (``+recipe=ragr1_cpu``) turns it on in that process
-  (the driver), which then exports ``RAGR1_CPU_BACKEND=1``: Ray processes started from the driver inherit it,
-  and the recipe also puts it in Ray's ``runtime_env`` for clusters started elsewhere.
+- otherwise a command line choosing a ``ragr1_cpu*`` recipe (``+recipe=ragr1_cpu``, main_ppo) or a
+  ``ragr1_sft_cpu*`` recipe (``+recipe=ragr1_sft_cpu``, sft_trainer) turns it on in that process (the driver,
+  or each torchrun rank), which then exports ``RAGR1_CPU_BACKEND=1``: Ray processes started from the driver
+  inherit it, and the recipe also puts it in Ray's ``runtime_env`` for clusters started elsewhere.
 
 The plugin entry point calls :func:`activate_if_selected` inside ``import verl``; everything that touches
 heavier verl modules waits for those modules to be imported (:mod:`.hooks`).
@@ -26,7 +27,7 @@ from collections.abc import Mapping, Sequence
 logger = logging.getLogger(__name__)
 
 SELECT_ENV = "RAGR1_CPU_BACKEND"
-RECIPE_PREFIX = "ragr1_cpu"
+RECIPE_PREFIXES = ("ragr1_cpu", "ragr1_sft_cpu")  # main_ppo's CPU recipes and sft_trainer's
 ROLLOUT_NAME = "hf_cpu"
 SUPPORTED_VERL = ((0, 9), (0, 10))  # [min, max) of (major, minor)
 
@@ -36,9 +37,10 @@ _active = False
 
 
 def selects_cpu_recipe(argument: str) -> bool:
-    """True for a Hydra override choosing a ``ragr1_cpu*`` recipe (``+recipe=ragr1_cpu``, ``recipe=...``)."""
+    """True for a Hydra override choosing a CPU recipe: ``ragr1_cpu*`` (main_ppo) or ``ragr1_sft_cpu*``
+    (sft_trainer), as ``+recipe=...``, ``recipe=...`` or ``++recipe=...``."""
     key, sep, value = argument.lstrip("+~").partition("=")
-    return bool(sep) and key == "recipe" and value.startswith(RECIPE_PREFIX)
+    return bool(sep) and key == "recipe" and value.strip().startswith(RECIPE_PREFIXES)
 
 
 def selected(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> bool:

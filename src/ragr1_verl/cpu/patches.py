@@ -5,8 +5,9 @@ Public registries first: the FSDP engines are registered for ``cpu`` (verl regis
 small patch, each applied only by :func:`install` (CPU backend selected) and each checking first that the
 code it changes still looks as it does in verl 0.9.x, raising :class:`VerlInternalsChanged` otherwise:
 
-- ``initialize_global_process_group_ray`` builds the backend string ``cpu:gloo,<device>:<backend>``, which on
-  the cpu device names ``cpu`` twice and torch rejects it: default the backend to ``cpu:gloo``.
+- ``initialize_global_process_group_ray`` (Ray workers of ``main_ppo``) and ``initialize_global_process_group``
+  (``torchrun`` ranks of ``sft_trainer``) build the backend string ``cpu:gloo,<device>:<backend>``, which on
+  the cpu device names ``cpu`` twice and torch rejects it: use ``cpu:gloo``.
 - the rollout's trainer-side adapter is looked up in a private dict of ``verl.workers.rollout.base``.
 - ``load_valuehead_model`` (critic) hard-codes FlashAttention 2: load the value model with SDPA.
 - FSDP2's forward-only (reference) model asks for pinned CPU offload, and pinning needs an accelerator.
@@ -43,9 +44,17 @@ def _parameters(function: Any) -> list[str]:
     return list(inspect.signature(function).parameters)
 
 
+def _source(function: Any) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):  # no source shipped: the signature check has to do
+        return "get_nccl_backend()"
+
+
 def install() -> None:
     """Queue every registration and patch on its verl module (run at once for modules already imported)."""
     after_import("verl.utils.distributed", patch_process_group_backend)
+    after_import("verl.utils.distributed", patch_torchrun_process_group_backend)
     after_import("verl.workers.engine_workers", rebind_process_group_init)
     after_import("verl.workers.engine.fsdp.transformer_impl", register_fsdp_engines)
     after_import("verl.workers.engine.fsdp.transformer_impl", unpin_forward_only_offload)
@@ -70,6 +79,52 @@ def patch_process_group_backend(distributed: ModuleType) -> None:
     initialize_on_cpu._ragr1_cpu = True
     initialize_on_cpu._ragr1_original = original
     distributed.initialize_global_process_group_ray = initialize_on_cpu
+
+
+def patch_torchrun_process_group_backend(distributed: ModuleType) -> None:
+    """``sft_trainer.run_sft`` calls ``initialize_global_process_group()``, which has no backend argument.
+
+    The replacement initialises the process group as verl's does (env:// or ``$DIST_INIT_METHOD``, the same
+    timeout, ranks from torchrun's environment) with the ``cpu:gloo`` backend; there is no device to select.
+    ``run_sft`` imports the function inside its body, so rebinding the module attribute is enough.
+    """
+    original = getattr(distributed, "initialize_global_process_group", None)
+    if getattr(original, "_ragr1_cpu", False):
+        return
+    _expect(original is not None and _parameters(original) == ["timeout_second"]
+            and "get_nccl_backend()" in _source(original),
+            "verl.utils.distributed.initialize_global_process_group(timeout_second) no longer builds its backend "
+            "from get_nccl_backend()")
+    default_timeout = inspect.signature(original).parameters["timeout_second"].default
+
+    @functools.wraps(original)
+    def initialize_on_cpu(timeout_second=default_timeout):
+        import os
+        from datetime import timedelta
+
+        import torch.distributed
+
+        if "RANK" not in os.environ:  # `python -m verl.trainer.sft_trainer` without torchrun: one local rank
+            _single_process_environment(os.environ)
+        torch.distributed.init_process_group(backend=CPU_BACKEND, timeout=timedelta(seconds=timeout_second),
+                                             init_method=os.environ.get("DIST_INIT_METHOD", None))
+        return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    initialize_on_cpu._ragr1_cpu = True
+    initialize_on_cpu._ragr1_original = original
+    distributed.initialize_global_process_group = initialize_on_cpu
+
+
+def _single_process_environment(environ) -> None:
+    """What torchrun would export for one process on this host (verl reads the ranks from the environment)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        environ.setdefault(key, value)
 
 
 def rebind_process_group_init(engine_workers: ModuleType) -> None:
