@@ -1,28 +1,27 @@
-"""``ragr1-verl-demo``: a few real RAG-R1 training steps on this machine's CPU, with one command.
+"""``ragr1-verl-demo``: both stages of RAG-R1 on this machine's CPU, then the models compared, with one command.
 
 It starts the demo retriever (the bundled corpus, its index built and cached on first use), prepares the
-default model and data (:mod:`ragr1_verl.cpu.assets`), runs verl's own trainer::
+default model and data (:mod:`ragr1_verl.cpu.assets`), and runs the real tools, each in its own process:
 
-    python -m verl.trainer.main_ppo +recipe=ragr1_cpu ragr1.retriever.url=<demo retriever> ...
+1. stage 1, format-learning SFT: ``torchrun -m verl.trainer.sft_trainer +recipe=ragr1_sft_cpu`` on the
+   offline teacher's trajectories; the checkpoint with the lowest validation loss is kept;
+2. stage 2, RL: ``python -m verl.trainer.main_ppo +recipe=ragr1_cpu`` from that checkpoint, against the demo
+   retriever, printing one row of the rollout's own metrics per step;
+3. ``ragr1-eval`` of the base, after-SFT and after-RL models on the held-out demo questions (never used in
+   SFT or RL), printed as one table, with a PNG of the SFT loss and the RL reward per step.
 
-and prints one row of training metrics per step as it finishes, then the validation result. The retriever
-and every process the trainer started (Ray included) are stopped however the run ends. Arguments it does
-not know are passed to ``main_ppo`` as Hydra overrides (``trainer.total_training_steps=5``, ...).
-
-What it shows: every real part of RAG-R1 training runs (multi-turn rollout with searches against the
-retriever, EM reward, reference and critic, GAE, PPO updates, weight sync to the rollout, validation).
-What it does not: a 135M model trained for a few steps learns little; the metrics move by chance.
+``--stages`` chooses the stages (``--stages rl`` is the quick RL-only run from the base model). Arguments it
+does not know are Hydra overrides for ``main_ppo``; ``--sft-override`` passes them to the SFT trainer. The
+retriever and every process a trainer started (Ray included) are stopped however the run ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -30,56 +29,73 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.cpu import demo_report as report
+from ragr1_verl.cpu.demo_report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
+from ragr1_verl.cpu.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
+
 logger = logging.getLogger("ragr1-verl-demo")
 
-RECIPES = {"ppo": "ragr1_cpu", "grpo": "ragr1_cpu_grpo"}
-# (header, metric keys tried in order, format); the rollout-text columns are filled from the dumps.
-COLUMNS = (
-    ("step", (), "{:>4}"),
-    ("reward(EM)", ("critic/score/mean",), "{:>10.3f}"),
-    ("searches/traj", ("ragr1/searches_per_trajectory",), "{:>13.2f}"),
-    ("queries/search", ("ragr1/queries_per_search",), "{:>14.2f}"),
-    ("answered", ("ragr1/answered",), "{:>8.2f}"),
-    ("turns", ("num_turns/mean",), "{:>5.1f}"),
-    ("KL", ("actor/reward_kl_penalty", "actor/kl_loss"), "{:>9.2e}"),
-    ("rollout~actor dp", ("training/rollout_probs_diff_max",), "{:>16.1e}"),
-    ("step s", ("timing_s/step",), "{:>6.1f}"),
-)
+STAGES = ("sft", "rl", "eval")
+RL_RECIPES = {"ppo": "ragr1_cpu", "grpo": "ragr1_cpu_grpo"}
+SFT_RECIPES = {"mq": "ragr1_sft_cpu", "sq": "ragr1_sft_cpu_sq"}
+EVAL_CONCURRENCY = 16  # held-out questions decoded together as one batch (ragr1-eval's batched CPU backend)
 MILESTONES = {"ray init kwargs": "starting Ray and the verl workers",
               "LLMServerManager:": "rollout server (transformers on CPU) up, first rollout running"}
+
+
+class StageFailed(RuntimeError):
+    """A stage's tool exited with an error; its log says why."""
+
+
+def _stages(value: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [part for part in chosen if part not in STAGES]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"stages are a comma-separated subset of {','.join(STAGES)}")
+    return tuple(stage for stage in STAGES if stage in chosen)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragr1-verl-demo", description=__doc__.split("\n\n")[0],
         epilog="Other arguments are Hydra overrides for main_ppo, e.g. trainer.total_training_steps=5")
-    parser.add_argument("--algorithm", choices=sorted(RECIPES), default="ppo",
+    parser.add_argument("--stages", type=_stages, default=STAGES,
+                        help="comma-separated: sft (stage 1), rl (stage 2, from the SFT model when sft runs too), "
+                             "eval (the held-out questions, every model of the run); 'rl' alone is the quick run")
+    parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
+                        help="mq: several queries per search (RAG-R1); sq: one query per search")
+    parser.add_argument("--algorithm", choices=sorted(RL_RECIPES), default="ppo",
                         help="ppo: PPO with a critic as the paper trains (recipe ragr1_cpu); grpo: ragr1_cpu_grpo")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (the recipe's default: 3)")
+    parser.add_argument("--steps", type=int, default=None, help="RL training steps (default: the recipe's)")
     parser.add_argument("--model", default=None, help="a transformers model folder instead of SmolLM2-135M")
+    parser.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for the SFT trainer (repeatable), e.g. trainer.total_epochs=3")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate only the first N held-out questions (default: all)")
     parser.add_argument("--retriever-url", default=None,
                         help="use this running retriever instead of starting the demo one")
     parser.add_argument("--run-dir", type=Path, default=None,
-                        help="where logs, metrics and rollout dumps go (default: a new folder in ./ragr1-cpu-runs)")
+                        help="where logs, metrics, checkpoints and results go (default: ./ragr1-cpu-runs/<time>)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
 @dataclass
 class Run:
-    """One training run: its folder and what has been printed of it."""
+    """One demo run: its folder, its settings, the models it produced and what has been printed of it."""
 
     folder: Path
+    args: argparse.Namespace
+    overrides: list[str]
+    retriever_url: str = ""
+    models: dict[str, Path] = field(default_factory=dict)  # label -> HF folder, in the order produced
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
     printed_steps: set[int] = field(default_factory=set)
-    rows: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def log(self) -> Path:
-        return self.folder / "train.log"
-
-    @property
-    def metrics(self) -> Path:
-        return self.folder / "metrics.jsonl"
+    def path(self, *parts: str) -> Path:
+        target = self.folder.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
 
 
 def _interrupt(signum, frame) -> None:
@@ -88,18 +104,26 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
-    args, overrides = make_parser().parse_known_args(argv)
-    bad = [item for item in overrides if "=" not in item]
+    parser = make_parser()
+    args, overrides = parser.parse_known_args(argv)
+    bad = [item for item in [*overrides, *args.sft_override] if "=" not in item]
     if bad:
-        make_parser().error(f"unknown arguments {bad} (Hydra overrides look like key=value)")
+        parser.error(f"unknown arguments {bad} (Hydra overrides look like key=value)")
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
-    run = Run(_run_folder(args.run_dir))
+    run = Run(_run_folder(args.run_dir), args, list(overrides))
     started = time.monotonic()
-    with _retriever(args.retriever_url) as url:
-        command = training_command(args, url, run, overrides)
-        _prepare_assets(args, overrides)
-        code = _train(command, run)
-    _print_summary(run, code, time.monotonic() - started)
+    code = 0
+    try:
+        with _retriever(args.retriever_url) as url:
+            run.retriever_url = url
+            _run_stages(run)
+    except StageFailed as failure:
+        _out(str(failure), error=True)
+        code = 1
+    except KeyboardInterrupt:
+        _out("interrupted", error=True)
+        code = 130
+    _print_summary(run, time.monotonic() - started)
     return code
 
 
@@ -109,27 +133,27 @@ def _run_folder(requested: Path | None) -> Path:
     return folder.resolve()
 
 
-def training_command(args: argparse.Namespace, url: str, run: Run, overrides: Sequence[str]) -> list[str]:
-    """The ``main_ppo`` command line: the recipe, the retriever, where metrics and rollouts go, then the
-    user's overrides (last, so they win)."""
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={RECIPES[args.algorithm]}",
-               f"ragr1.retriever.url={url}", "trainer.logger=[console,file]",
-               f"trainer.rollout_data_dir={run.folder / 'rollouts'}",
-               f"trainer.validation_data_dir={run.folder / 'validation'}"]
-    if args.steps is not None:
-        command += [f"trainer.total_training_steps={args.steps}", f"trainer.test_freq={args.steps}"]
-    if args.model is not None:
-        command.append(f"actor_rollout_ref.model.path={Path(args.model).expanduser().resolve()}")
-    return command + list(overrides)
+def _run_stages(run: Run) -> None:
+    run.models["base"] = _base_model(run)
+    for stage, action in (("sft", _sft_stage), ("rl", _rl_stage), ("eval", _eval_stage)):
+        if stage in run.args.stages:
+            started = time.monotonic()
+            _out(f"== stage {stage} ==")
+            action(run)
+            run.seconds[stage] = time.monotonic() - started
+            _out(f"== stage {stage} done in {run.seconds[stage]:.0f} s ==")
 
 
-def _prepare_assets(args: argparse.Namespace, overrides: Sequence[str]) -> None:
-    """Build the default model and data now, so the first run's one-off work shows as such."""
+def _base_model(run: Run) -> Path:
+    """The starting model: ``--model``, a ``model.path`` override, or SmolLM2 converted once into the cache."""
     from ragr1_verl.cpu import assets
 
-    if args.model is None and not any(item.startswith("actor_rollout_ref.model.path=") for item in overrides):
-        logger.info("model: %s", assets.ensure_demo_model())
-    logger.info("data: %s", assets.ensure_demo_data())
+    for item in run.overrides:
+        if item.startswith("actor_rollout_ref.model.path="):
+            return Path(item.partition("=")[2]).expanduser().resolve()
+    if run.args.model is not None:
+        return Path(run.args.model).expanduser().resolve()
+    return assets.ensure_demo_model()
 
 
 @contextlib.contextmanager
@@ -155,201 +179,211 @@ def _retriever(url: str | None) -> Iterator[str]:
     logger.info("demo retriever stopped")
 
 
-def _train(command: list[str], run: Run) -> int:
-    """Run ``main_ppo`` with its output in ``train.log``; print rows as steps finish; clean up after it."""
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(run.metrics), WANDB_MODE="disabled", RAGR1_CPU_BACKEND="1")
-    logger.info("training: %s\n(full output in %s)", " ".join(command), run.log)
-    _print_header()
-    with open(run.log, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, cwd=run.folder, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        family = ProcessTree(process.pid)
-        try:
-            for line in process.stdout:
-                log.write(line)
-                _on_output_line(line, run, family)
-            return process.wait()
-        except KeyboardInterrupt:
-            logger.warning("interrupted: stopping the trainer")
-            return 130
-        finally:
-            family.stop(process)
-            _print_new_rows(run, final=True)
+def _tool_env(metrics_file: Path) -> dict[str, str]:
+    return dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), WANDB_MODE="disabled", RAGR1_CPU_BACKEND="1")
 
 
-def _on_output_line(line: str, run: Run, family: ProcessTree) -> None:
-    for marker, message in MILESTONES.items():
-        if marker in line:
-            logger.info("  ... %s", message)
-    if "step:" in line or "Dumped generations" in line:
-        _print_new_rows(run)
-    family.refresh()
+# -- stage 1: SFT -----------------------------------------------------------------------------------------
+
+def sft_command(run: Run, checkpoints: Path) -> list[str]:
+    """verl's SFT trainer under torchrun (one CPU rank), the CPU SFT recipe, then the user's overrides."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "-m", "verl.trainer.sft_trainer", f"+recipe={SFT_RECIPES[run.args.mode]}",
+               f"trainer.default_local_dir={checkpoints}", "trainer.logger=[console,file]"]
+    if run.args.model is not None:
+        command.append(f"model.path={run.models['base']}")
+    return command + list(run.args.sft_override)
 
 
-class ProcessTree:
-    """The trainer's process tree (Ray's processes included), remembered while it runs so that every one
-    of them can be stopped by id at the end, even those the trainer leaves behind when it dies."""
+def _sft_stage(run: Run) -> None:
+    from ragr1_verl.sft_checkpoints import mark_best, select_best
 
-    def __init__(self, pid: int):
-        self.pid, self.known, self._checked = pid, set(), 0.0
-
-    def refresh(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._checked < 2.0:
-            return
-        self._checked = time.monotonic()
-        with contextlib.suppress(Exception):
-            import psutil
-
-            self.known.update(child.pid for child in psutil.Process(self.pid).children(recursive=True))
-
-    def survivors(self, timeout: float = 0.0) -> list[int]:
-        """The tree's processes still running after up to ``timeout`` seconds."""
-        return _wait_gone(self.known, timeout)
-
-    def stop(self, process: subprocess.Popen) -> None:
-        """Stop the trainer (if still running), then whatever of its tree outlives it: Ray's processes get
-        a grace period to exit on their own after a normal end, then SIGTERM, then SIGKILL."""
-        self.refresh(force=True)
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)  # the trainer's own session, started by us
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=20)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        leftovers = self.survivors(timeout=10.0)
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-            if not leftovers:
-                break
-            logger.info("stopping %d leftover trainer/Ray process(es): %s", len(leftovers), leftovers)
-            for pid in leftovers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            leftovers = _wait_gone(leftovers, timeout=grace)
+    checkpoints, metrics = run.path("sft", "checkpoints"), run.path("sft", "metrics.jsonl")
+    command = sft_command(run, checkpoints)
+    logger.info("SFT: %s\n(full output in %s)", " ".join(command), run.path("sft", "train.log"))
+    progress = _SFTProgress(metrics)
+    code = run_logged(command, log=run.path("sft", "train.log"), cwd=run.folder, env=_tool_env(metrics),
+                      on_line=progress.on_line)
+    progress.report(final=True)
+    if code:
+        raise StageFailed(_failure("SFT", code, run.path("sft", "train.log")))
+    best = select_best(checkpoints, [metrics])
+    mark_best(checkpoints, best)
+    run.models["sft"] = (checkpoints / "best" / "huggingface").resolve()
+    _out(f"SFT: kept step {best.step} (validation loss {best.loss:.4f}): {run.models['sft']}")
 
 
-def _wait_gone(pids: set[int] | list[int], timeout: float) -> list[int]:
-    """The pids still running after up to ``timeout`` seconds."""
-    import psutil
+@dataclass
+class _SFTProgress:
+    """Prints the SFT loss every few steps and each validation, as verl's file logger writes them."""
 
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.2)
+    metrics: Path
+    printed: set[int] = field(default_factory=set)
+    every: int = 5
 
+    def on_line(self, line: str) -> None:
+        if "step" in line or "val/loss" in line:
+            self.report()
 
-# -- metrics -----------------------------------------------------------------------------------------------
-
-def read_metrics(path: Path) -> dict[int, dict[str, Any]]:
-    """verl's file logger output: one ``{"step": n, "data": {...}}`` line per step."""
-    steps: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                steps.setdefault(int(record["step"]), {}).update(record["data"])
-    return steps
+    def report(self, final: bool = False) -> None:
+        for step, values in sorted(read_metrics(self.metrics).items()):
+            if step in self.printed:
+                continue
+            validated = values.get(report.SFT_VAL_LOSS) is not None
+            if validated or step % self.every == 0 or step == 1 or final:
+                self.printed.add(step)
+                parts = [f"SFT step {step:>4}"]
+                if values.get(report.SFT_LOSS) is not None:
+                    parts.append(f"loss {values[report.SFT_LOSS]:.4f}")
+                if validated:
+                    parts.append(f"validation loss {values[report.SFT_VAL_LOSS]:.4f}")
+                _out("  ".join(parts))
 
 
-def model_text(response: str) -> str:
-    """A dumped response without what the rollout inserted (results, format reminders), which quotes the tags.
+# -- stage 2: RL ------------------------------------------------------------------------------------------
 
-    verl's dump holds the decoded text, not the loss mask, so the inserted messages are recognised by their
-    fixed wording from :mod:`ragr1_verl.protocol`.
-    """
-    import re
+def rl_command(run: Run, start_model: Path) -> list[str]:
+    """The ``main_ppo`` command line: the recipe, the start model, the retriever, where metrics, rollouts and
+    the final model go, then the user's overrides (last, so they win)."""
+    folder = run.folder / "rl"
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={RL_RECIPES[run.args.algorithm]}",
+               f"actor_rollout_ref.model.path={start_model}", f"ragr1.retriever.url={run.retriever_url}",
+               "trainer.logger=[console,file]", f"trainer.rollout_data_dir={folder / 'rollouts'}",
+               f"trainer.validation_data_dir={folder / 'validation'}",
+               f"trainer.default_local_dir={folder / 'checkpoints'}",
+               # only the final actor, as a Hugging Face folder for ragr1-eval
+               "trainer.save_freq=1000000", "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
+               "critic.checkpoint.save_contents=[]"]
+    if run.args.mode == "sq":
+        command += ["ragr1.mode=sq", "ragr1.prompt_template=sq"]
+    if run.args.steps is not None:
+        command += [f"trainer.total_training_steps={run.args.steps}", f"trainer.test_freq={run.args.steps}"]
+    return command + [item for item in run.overrides if not item.startswith("actor_rollout_ref.model.path=")]
 
-    from ragr1_verl.protocol import INVALID_ACTION_REMINDER, invalid_search, strip_information
 
-    before, _, after = invalid_search("\x00").partition("\x00")
-    text = strip_information(response).replace(INVALID_ACTION_REMINDER, " ")
-    return re.sub(f"{re.escape(before)}.*?{re.escape(after)}", " ", text, flags=re.DOTALL)
+def _rl_stage(run: Run) -> None:
+    from ragr1_verl.cpu import assets
+
+    start = run.models.get("sft", run.models["base"])
+    metrics = run.path("rl", "metrics.jsonl")
+    logger.info("data: %s", assets.ensure_demo_data())
+    command = rl_command(run, start)
+    logger.info("RL: %s\n(full output in %s)", " ".join(command), run.path("rl", "train.log"))
+    _out(report.rl_header())
+
+    def on_line(line: str) -> None:
+        for marker, message in MILESTONES.items():
+            if marker in line:
+                logger.info("  ... %s", message)
+        if "step:" in line:
+            _print_new_rl_rows(run, metrics)
+
+    code = run_logged(command, log=run.path("rl", "train.log"), cwd=run.folder, env=_tool_env(metrics),
+                      on_line=on_line)
+    _print_new_rl_rows(run, metrics)
+    summary = validation_summary(read_metrics(metrics))
+    if summary:
+        _out(summary)
+    if code:
+        raise StageFailed(_failure("RL", code, run.path("rl", "train.log")))
+    run.models["rl"] = final_actor(run.folder / "rl" / "checkpoints")
 
 
-def rollout_stats(path: Path) -> dict[str, float]:
-    """Searches per trajectory, queries per search and the answered share, read from a rollout dump."""
-    from ragr1_verl.protocol import extract_answer, parse_action, split_queries
+def _print_new_rl_rows(run: Run, metrics: Path) -> None:
+    for step, values in sorted(read_metrics(metrics).items()):
+        if step not in run.printed_steps and "timing_s/step" in values:
+            run.printed_steps.add(step)
+            _out(report.format_rl_row(step, values))
 
-    searches = queries = answered = trajectories = 0
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        text = model_text(json.loads(line)["output"])
-        trajectories += 1
-        answered += extract_answer(text) is not None
-        action = parse_action(text)
-        while action.kind != "invalid":
-            if action.kind == "search":
-                searches += 1
-                queries += len(split_queries(action.content).queries)
-            text = text[action.end:]
-            action = parse_action(text)
-    if not trajectories:
-        return {}
-    return {"ragr1/searches_per_trajectory": searches / trajectories,
-            "ragr1/queries_per_search": queries / searches if searches else 0.0,
-            "ragr1/answered": answered / trajectories}
+
+def final_actor(checkpoints: Path) -> Path:
+    """The Hugging Face folder of the last saved actor (``global_step_N/actor/huggingface``)."""
+    candidates = sorted(checkpoints.glob("global_step_*/actor/huggingface"),
+                        key=lambda path: int(path.parent.parent.name.rpartition("_")[2]))
+    if not candidates:
+        raise StageFailed(f"RL: no saved actor model under {checkpoints}")
+    return candidates[-1].resolve()
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+
+def rollout_settings(run: Run) -> dict[str, Any]:
+    """The RL recipe's rollout settings after the user's overrides, so that evaluation plays the same game."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    overrides = [f"+recipe={RL_RECIPES[run.args.algorithm]}",
+                 *[item for item in run.overrides if item.startswith(("ragr1.", "data.max_"))]]
+    if run.args.mode == "sq":
+        overrides += ["ragr1.mode=sq", "ragr1.prompt_template=sq"]
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        config = compose("ppo_trainer", overrides=overrides)
+    ragr1 = OmegaConf.to_container(config.ragr1, resolve=False)
+    return {"ragr1": ragr1, "prompt": int(config.data.max_prompt_length),
+            "response": int(config.data.max_response_length)}
+
+
+def eval_command(run: Run, label: str, model: Path, data: Path, settings: dict[str, Any]) -> list[str]:
+    ragr1 = settings["ragr1"]
+    command = [sys.executable, "-m", "ragr1_verl.evaluation.cli", "--data", str(data),
+               "--out", str(run.folder / "eval" / label), "--overwrite", "--model", str(model),
+               "--retriever-url", run.retriever_url, "--mode", run.args.mode, "--greedy",
+               "--concurrency", str(EVAL_CONCURRENCY), "--max-prompt-tokens", str(settings["prompt"]),
+               "--max-response-tokens", str(settings["response"]), "--max-turns", str(ragr1["max_turns"]),
+               "--topk", str(ragr1["topk"]),
+               "--max-obs-tokens-per-query", str(ragr1["max_obs_tokens_per_query"]),
+               "--max-tokens-per-turn", str(ragr1["max_tokens_per_turn"])]
+    if run.args.eval_limit:
+        command += ["--limit", str(run.args.eval_limit)]
+    return command
+
+
+def _eval_stage(run: Run) -> None:
+    from ragr1_verl.cpu import assets
+    from ragr1_verl.evaluation.report import read_results
+
+    data = assets.ensure_demo_data() / "test.parquet"
+    settings = rollout_settings(run)
+    rows: list[report.EvalRow] = []
+    types = question_types()
+    for label, model in run.models.items():
+        started = time.monotonic()
+        code = run_logged(eval_command(run, label, model, data, settings), log=run.path("eval", f"{label}.log"),
+                          cwd=run.folder, env=dict(os.environ))
+        if code:
+            raise StageFailed(_failure(f"evaluation of {label}", code, run.path("eval", f"{label}.log")))
+        records = read_results(run.folder / "eval" / label)
+        rows += report.eval_rows(label, records, time.monotonic() - started, types)
+        _out(f"evaluated {label}: {len(records)} held-out questions in {time.monotonic() - started:.0f} s")
+    _out("\n" + report.eval_table(rows))
+    run.path("eval", "table.txt").write_text(report.eval_table(rows) + "\n", encoding="utf-8")
+
+
+def question_types() -> dict[str, str]:
+    """Question text -> ``single-hop``, ``bridge`` or ``comparison``, from the demo question file."""
+    from retriever_server.demo import load_demo_questions
+
+    return {q["question"]: q.get("hops") or q["type"] for q in load_demo_questions()}
+
+
+# -- output -------------------------------------------------------------------------------------------------
+
+def _failure(stage: str, code: int, log: Path) -> str:
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
+    return f"{stage} failed (exit code {code}); last lines of {log}:\n" + "\n".join(lines[-40:])
 
 
 def _out(text: str, error: bool = False) -> None:
-    """The launcher's console output (the table is for people; logs stay in train.log)."""
+    """The launcher's console output (the tables are for people; the tools' logs stay in their files)."""
     print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
 
-def _print_header() -> None:
-    _out("  ".join(f"{header:>{max(len(header), 4)}}" for header, _, _ in COLUMNS))
-
-
-def _print_new_rows(run: Run, final: bool = False) -> None:
-    """Rows for the steps whose metrics and rollout dump (written by a background thread) are both there."""
-    for step, metrics in sorted(read_metrics(run.metrics).items()):
-        dump = run.folder / "rollouts" / f"{step}.jsonl"
-        if step in run.printed_steps or "timing_s/step" not in metrics or not (dump.is_file() or final):
-            continue
-        metrics.update(rollout_stats(dump))
-        run.printed_steps.add(step)
-        run.rows.append(dict(metrics, step=step))
-        _out(format_row(step, metrics))
-
-
-def format_row(step: int, metrics: dict[str, Any]) -> str:
-    cells = []
-    for header, keys, fmt in COLUMNS:
-        width = max(len(header), 4)
-        value = step if not keys else next((metrics[k] for k in keys if metrics.get(k) is not None), None)
-        cells.append(fmt.format(value) if value is not None else "-".rjust(width))
-        cells[-1] = cells[-1].rjust(width)
-    return "  ".join(cells)
-
-
-def validation_summary(metrics: dict[int, dict[str, Any]]) -> str | None:
-    """The last validation's EM and searches, from the ``val-core``/``val-aux`` metrics."""
-    for step in sorted(metrics, reverse=True):
-        em = {k: v for k, v in metrics[step].items() if k.startswith("val-core/") and "/acc/" in k}
-        if em:
-            searches = [v for k, v in metrics[step].items() if k.startswith("val-aux/") and "/searches/" in k]
-            parts = [f"EM {next(iter(em.values())):.3f}"]
-            if searches:
-                parts.append(f"searches/question {searches[0]:.2f}")
-            return f"validation after step {step}: " + ", ".join(parts)
-    return None
-
-
-def _print_summary(run: Run, code: int, elapsed: float) -> None:
-    summary = validation_summary(read_metrics(run.metrics))
-    if summary:
-        _out(summary)
-    if code == 0:
-        _out(f"done: {len(run.rows)} training step(s) in {elapsed:.0f} s; logs, metrics and rollouts in {run.folder}")
-        return
-    lines = run.log.read_text(encoding="utf-8", errors="replace").splitlines() if run.log.is_file() else []
-    _out(f"training failed (exit code {code}) after {elapsed:.0f} s; last lines of {run.log}:", error=True)
-    _out("\n".join(lines[-40:]), error=True)
+def _print_summary(run: Run, elapsed: float) -> None:
+    plot = report.write_plot(run.folder / "training.png", read_metrics(run.folder / "sft" / "metrics.jsonl"),
+                             read_metrics(run.folder / "rl" / "metrics.jsonl"))
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in run.seconds.items())
+    _out(f"done in {elapsed:.0f} s ({stages or 'no stage finished'}); logs, metrics, models and results in "
+         f"{run.folder}" + (f"; plot: {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

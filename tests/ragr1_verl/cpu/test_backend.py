@@ -3,7 +3,6 @@ checks of verl's internals, the recipes, and the demo launcher's metric table.""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -111,22 +110,3 @@ def test_the_cpu_recipes_compose_with_the_cpu_settings(recipe):
     expected = ("gae", 1, True) if recipe == "ragr1_cpu" else ("grpo", 2, False)
     assert (config.algorithm.adv_estimator, config.actor_rollout_ref.rollout.n,
             config.algorithm.use_kl_in_reward) == expected
-
-
-def test_the_launcher_reads_rollout_texts_without_the_inserted_messages(tmp_path):
-    from ragr1_verl.cpu.demo import format_row, rollout_stats, validation_summary
-    from ragr1_verl.protocol import INVALID_ACTION_REMINDER, invalid_search
-
-    outputs = [
-        ("<think>a</think><search> x, y </search><information>[<search> z </search>]</information>"
-         "<think>b</think><answer> Paris </answer>"),
-        "babble" + INVALID_ACTION_REMINDER + "more" + invalid_search("no query") + "<search> q </search>",
-    ]
-    dump = tmp_path / "1.jsonl"
-    dump.write_text("".join(json.dumps({"output": text}) + "\n" for text in outputs))
-    stats = rollout_stats(dump)
-    assert stats == {"ragr1/searches_per_trajectory": 1.0, "ragr1/queries_per_search": 1.5, "ragr1/answered": 0.5}
-    row = format_row(3, {"critic/score/mean": 0.25, "timing_s/step": 12.0, **stats})
-    assert row.split()[:4] == ["3", "0.250", "1.00", "1.50"] and row.split()[-1] == "12.0"
-    summary = validation_summary({3: {"val-core/demo/acc/mean@1": 0.5, "val-aux/demo/searches/mean@1": 1.25}})
-    assert summary == "validation after step 3: EM 0.500, searches/question 1.25"

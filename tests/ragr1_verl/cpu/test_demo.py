@@ -1,0 +1,99 @@
+"""``ragr1-verl-demo``'s pieces that need no training run: stages, command lines, the tables and the plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from ragr1_verl.cpu import demo
+from ragr1_verl.cpu import demo_report as report
+
+
+def _run(tmp_path, argv=(), overrides=()):
+    args, extra = demo.make_parser().parse_known_args(list(argv))
+    run = demo.Run(tmp_path, args, [*extra, *overrides])
+    run.retriever_url = "http://127.0.0.1:1/retrieve"
+    run.models["base"] = tmp_path / "base"
+    return run
+
+
+def test_stages_keep_the_pipeline_order_and_refuse_unknown_names():
+    assert demo.make_parser().parse_args([]).stages == ("sft", "rl", "eval")
+    assert demo.make_parser().parse_args(["--stages", "eval,rl"]).stages == ("rl", "eval")
+    with pytest.raises(argparse.ArgumentTypeError):
+        demo._stages("rl,dpo")
+
+
+def test_rl_starts_from_the_sft_model_saves_the_final_actor_and_user_overrides_come_last(tmp_path):
+    run = _run(tmp_path, ["--mode", "sq", "--steps", "4"], ["ragr1.max_turns=3"])
+    command = demo.rl_command(run, tmp_path / "sft-best")
+    assert command[1:4] == ["-m", "verl.trainer.main_ppo", "+recipe=ragr1_cpu"]
+    assert f"actor_rollout_ref.model.path={tmp_path / 'sft-best'}" in command
+    assert "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]" in command
+    assert {"ragr1.mode=sq", "ragr1.prompt_template=sq", "trainer.total_training_steps=4"} <= set(command)
+    assert command[-1] == "ragr1.max_turns=3"
+
+
+def test_sft_uses_the_mode_recipe_and_the_given_model(tmp_path):
+    run = _run(tmp_path, ["--mode", "sq", "--model", str(tmp_path / "m"), "--sft-override", "trainer.total_epochs=1"])
+    run.models["base"] = tmp_path / "m"
+    command = demo.sft_command(run, tmp_path / "ckpt")
+    assert "verl.trainer.sft_trainer" in command and "+recipe=ragr1_sft_cpu_sq" in command
+    assert f"model.path={tmp_path / 'm'}" in command and command[-1] == "trainer.total_epochs=1"
+
+
+def test_the_final_actor_is_the_highest_saved_step(tmp_path):
+    for step in (2, 10, 9):
+        (tmp_path / f"global_step_{step}" / "actor" / "huggingface").mkdir(parents=True)
+    assert demo.final_actor(tmp_path) == (tmp_path / "global_step_10" / "actor" / "huggingface").resolve()
+    with pytest.raises(demo.StageFailed):
+        demo.final_actor(tmp_path / "nothing")
+
+
+def test_evaluation_plays_the_rl_recipes_rollout_settings_with_the_users_overrides(tmp_path):
+    run = _run(tmp_path, [], ["ragr1.max_turns=3", "trainer.total_training_steps=2"])
+    settings = demo.rollout_settings(run)
+    assert settings["ragr1"]["max_turns"] == 3
+    command = demo.eval_command(run, "sft", tmp_path / "model", tmp_path / "test.parquet", settings)
+    value = {flag: command[i + 1] for i, flag in enumerate(command) if flag.startswith("--") and i + 1 < len(command)}
+    assert value["--max-turns"] == "3" and value["--topk"] == str(settings["ragr1"]["topk"])
+    assert value["--max-response-tokens"] == str(settings["response"]) and "--greedy" in command
+
+
+def _record(question, em, searches, queries, format_ok=1.0):
+    return {"question": question, "em": em, "f1": em, "searches": searches, "queries": queries,
+            "format_ok": format_ok}
+
+
+def test_eval_rows_average_per_question_and_queries_per_search_over_searches():
+    records = [_record("a?", 1.0, 1, 3), _record("b?", 0.0, 0, 0, format_ok=0.0), _record("c?", 1.0, 2, 2)]
+    types = {"a?": "comparison", "b?": "single-hop", "c?": "comparison"}
+    rows = {row.group: row for row in report.eval_rows("sft", records, wall_seconds=30.0, question_types=types)}
+    assert rows["all"].em == pytest.approx(2 / 3) and rows["all"].searches_per_question == 1.0
+    assert rows["all"].queries_per_search == pytest.approx(5 / 3)  # 5 queries in 3 searches
+    assert rows["all"].protocol == pytest.approx(2 / 3) and rows["all"].seconds_per_question == 10.0
+    assert rows["comparison"].queries_per_search == pytest.approx(5 / 3) and rows["single-hop"].queries_per_search == 0
+    table = report.eval_table(list(rows.values()))
+    assert table.splitlines()[1].split()[:3] == ["sft", "3", "0.667"]
+    assert any(line.split()[:1] == ["sft/comparison"] for line in table.splitlines()[1:])
+
+
+def test_rl_rows_read_the_rollouts_own_metrics():
+    row = report.format_rl_row(3, {"critic/score/mean": 0.25, "ragr1/em": 0.5, "ragr1/searches_per_trajectory": 1.0,
+                                   "ragr1/queries_per_search": 1.5, "timing_s/step": 12.0})
+    assert row.split()[:5] == ["3", "0.250", "0.500", "1.00", "1.50"] and row.split()[-1] == "12.0"
+    summary = report.validation_summary({3: {"val-core/demo/acc/mean@1": 0.5, "val-aux/demo/searches/mean@1": 1.25}})
+    assert summary == "validation after step 3: EM 0.500, searches/question 1.25"
+
+
+def test_metrics_files_skip_a_cut_line_and_the_plot_is_a_png(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "data": {"train/loss": 2.0}}) + "\n"
+                       + json.dumps({"step": 2, "data": {"train/loss": 1.0, "val/loss": 1.5}}) + "\n{\"step\": 3, \"da")
+    sft = report.read_metrics(metrics)
+    assert sorted(sft) == [1, 2] and sft[2]["val/loss"] == 1.5
+    plot = report.write_plot(tmp_path / "p.png", sft, {1: {"critic/score/mean": 0.1, "ragr1/em": 0.2}})
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.write_plot(tmp_path / "none.png", {}, {}) is None
