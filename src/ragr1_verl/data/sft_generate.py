@@ -2,7 +2,9 @@
 
 A teacher model behind an OpenAI-compatible server (the paper: Qwen2.5-72B-Instruct) answers each question
 with the project's tag protocol and the real retriever, exactly as the policy does in RL (same prompt template,
-query splitting, observation format and round budget). Every trajectory is logged; the exact-match ones are
+query splitting, observation format and round budget). ``--teacher scripted`` replaces the model, for the demo
+corpus only, by :class:`~ragr1_verl.data.teacher.scripted.ScriptedTeacher`, which plays the demo questions' hop
+metadata through the same retriever and episode logic. Every trajectory is logged; the exact-match ones are
 the SFT data. With ``--select-rl-data`` the missed questions are re-sampled and the paper's RL data selection
 writes ``train.parquet``/``test.parquet``. The pieces live in :mod:`ragr1_verl.data.teacher`.
 """
@@ -37,6 +39,7 @@ from ragr1_verl.data.teacher.client import (
 )
 from ragr1_verl.data.teacher.episode import RetrievalFailed
 from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
+from ragr1_verl.data.teacher.scripted import ScriptedTeacher, token_counter
 from ragr1_verl.data.teacher.selection import SelectionSettings
 from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
 from ragr1_verl.protocol import token_truncator
@@ -44,6 +47,7 @@ from ragr1_verl.protocol import token_truncator
 logger = logging.getLogger(__name__)
 
 API_KEY_ENVS = ("RAGR1_TEACHER_API_KEY", "OPENAI_API_KEY")
+TEACHERS = ("openai", "scripted")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -80,9 +84,14 @@ def _question_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--teacher-url", required=True, metavar="URL",
-                       help="OpenAI base URL of the server, e.g. http://host:8000/v1")
-    group.add_argument("--teacher-model", required=True, metavar="NAME", help="the model name the server serves")
+    group.add_argument("--teacher", choices=TEACHERS, default="openai",
+                       help="openai (default): a model behind an OpenAI-compatible server (--teacher-url, "
+                            "--teacher-model); scripted: no model, plays the demo questions' hop metadata through "
+                            "the retriever (--source demo only; a stand-in for the paper's Qwen2.5-72B teacher)")
+    group.add_argument("--teacher-url", default=None, metavar="URL",
+                       help="OpenAI base URL of the server, e.g. http://host:8000/v1 (required with --teacher openai)")
+    group.add_argument("--teacher-model", default=None, metavar="NAME",
+                       help="the model name the server serves (required with --teacher openai)")
     group.add_argument("--api", choices=("completions", "chat"), default="completions",
                        help="completions (default): chat template rendered here (needs --tokenizer), works on "
                             "any server; chat: vLLM/SGLang continue_final_message")
@@ -149,11 +158,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # ConfigError included: it names the setting
         logger.error("error: %s", err)
         return 2
-    render, truncate = text_tools(args, settings.config.max_obs_tokens_per_query)
     questions = load_questions(args)
+    if teacher_settings is None:
+        truncate, count = scripted_tools(args, settings.config.max_obs_tokens_per_query)
+        teacher = ScriptedTeacher(questions, settings.config, count)
+        running = generate(questions, settings, None, args.out, truncate=truncate, teacher=teacher,
+                           teacher_fields=teacher.fields())
+    else:
+        render, truncate = text_tools(args, settings.config.max_obs_tokens_per_query)
+        running = generate(questions, settings, teacher_settings, args.out, render=render, truncate=truncate)
     try:
-        summary = asyncio.run(generate(questions, settings, teacher_settings, args.out, render=render,
-                                       truncate=truncate))
+        summary = asyncio.run(running)
     except (TeacherError, RetrievalFailed) as err:
         logger.error("error: %s", err)
         logger.error("the finished trajectories are in %s; run the same command again to resume",
@@ -163,8 +178,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettings]:
-    """The run's and the teacher's settings from the arguments; ``ValueError`` names a bad one."""
+def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettings | None]:
+    """The run's and the teacher's settings from the arguments (no teacher settings for ``--teacher scripted``);
+    ``ValueError`` names a bad one."""
+    scripted = getattr(args, "teacher", "openai") == "scripted"
+    if scripted:
+        if args.select_rl_data:
+            raise ValueError("--teacher scripted is deterministic: re-sampling its misses would repeat them, so "
+                             "--select-rl-data needs a model teacher")
+        if args.input is not None:
+            raise ValueError("--teacher scripted plays the demo questions' hop metadata: use --source demo")
+    else:
+        missing = [flag for flag, value in (("--teacher-url", args.teacher_url), ("--teacher-model",
+                                                                                   args.teacher_model)) if not value]
+        if missing:
+            raise ValueError(f"--teacher openai needs {' and '.join(missing)}")
     section: dict[str, Any] = {
         "mode": args.mode, "topk": args.topk, "max_turns": args.max_turns,
         "max_queries_per_search": args.max_queries, "max_obs_tokens_per_query": args.max_obs_tokens,
@@ -180,9 +208,13 @@ def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettin
         selection = SelectionSettings(args.resample_limit, args.resample_temperature, args.resample_max_turns,
                                       args.easy_fraction, not args.no_answerability_filter, args.val_fraction,
                                       args.seed)
-    settings = RunSettings(config, resolve_template(args.prompt_template, config.mode),
-                           Sampling(args.temperature, args.top_p, args.max_tokens_per_turn), args.concurrency,
+    # The scripted teacher does not sample: its manifest records temperature 0.
+    sampling = (Sampling(0.0, 1.0, args.max_tokens_per_turn) if scripted
+                else Sampling(args.temperature, args.top_p, args.max_tokens_per_turn))
+    settings = RunSettings(config, resolve_template(args.prompt_template, config.mode), sampling, args.concurrency,
                            selection, progress=not args.no_progress)
+    if scripted:
+        return settings, None
     api_key = args.api_key or next((os.environ[name] for name in API_KEY_ENVS if os.environ.get(name)), None)
     teacher = TeacherSettings(args.teacher_url, args.teacher_model, args.api, api_key,
                               timeout_s=args.teacher_timeout, max_retries=args.teacher_retries,
@@ -206,6 +238,18 @@ def text_tools(args: argparse.Namespace, max_obs_tokens: int) -> tuple[Callable[
     except ValueError as err:
         raise DataError(f"--tokenizer {args.tokenizer}: {err}") from None
     return render, token_truncator(tokenizer, max_obs_tokens)
+
+
+def scripted_tools(args: argparse.Namespace, max_obs_tokens: int) -> tuple[Callable[[str], str],
+                                                                            Callable[[str], int] | None]:
+    """What the policy's tokenizer gives the scripted teacher: the cut of retrieved text and the token count
+    of a turn (kept under --max-tokens-per-turn)."""
+    if args.tokenizer is None:
+        logger.warning("no --tokenizer: retrieved text is not cut to --max-obs-tokens and turns are not held to "
+                       "--max-tokens-per-turn")
+        return str, None
+    tokenizer = load_tokenizer(args.tokenizer)
+    return token_truncator(tokenizer, max_obs_tokens), token_counter(tokenizer)
 
 
 def load_questions(args: argparse.Namespace) -> list[Question]:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from ragr1_verl.config import RagR1Config
 from ragr1_verl.data.io import DataError, staged_output
 from ragr1_verl.data.questions import Question, hold_out, rl_rows, write_rl_parquet
-from ragr1_verl.data.teacher.client import Messages, Sampling, Teacher, TeacherSettings
+from ragr1_verl.data.teacher.client import Completion, Messages, Sampling, Teacher, TeacherSettings
 from ragr1_verl.data.teacher.episode import EpisodeSettings, run_episode
 from ragr1_verl.data.teacher.selection import QuestionState, SelectionSettings, next_attempt, select
 from ragr1_verl.data.teacher.store import (
@@ -45,6 +45,23 @@ logger = logging.getLogger(__name__)
 SELECTION_REPORT = "rl_selection.json"
 
 
+class TeacherLike(Protocol):
+    """What a run needs of a teacher: :class:`~.client.Teacher` (a model behind a server) or
+    :class:`~.scripted.ScriptedTeacher` (the demo corpus's hop metadata, no model)."""
+
+    requests: int
+    retries: int
+
+    async def complete(self, messages: Messages, partial: str, sampling: Sampling) -> Completion: ...
+
+    async def close(self) -> None: ...
+
+
+def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
+    """The manifest's fields naming a teacher behind a server: the model, the API and the extra request body."""
+    return {"teacher_model": settings.model, "api": settings.api, "extra_body": dict(settings.extra_body)}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything but the teacher's address: the protocol (``config``), the prompt template, the first
@@ -57,11 +74,12 @@ class RunSettings:
     selection: SelectionSettings | None = None
     progress: bool = True
 
-    def manifest(self, teacher: TeacherSettings) -> dict[str, Any]:
-        """The settings that shape the trajectories (see :func:`~.store.check_manifest`)."""
+    def manifest(self, teacher: TeacherSettings | Mapping[str, Any]) -> dict[str, Any]:
+        """The settings that shape the trajectories (see :func:`~.store.check_manifest`); ``teacher`` is the
+        server teacher's settings or another teacher's identity fields (``teacher_model``, ``api``, ...)."""
         config = self.config
-        values = {"mode": config.mode, "teacher_model": teacher.model, "api": teacher.api,
-                  "extra_body": dict(teacher.extra_body), "template": self.template,
+        identity = teacher_identity(teacher) if isinstance(teacher, TeacherSettings) else dict(teacher)
+        values = {"mode": config.mode, **identity, "template": self.template,
                   "observation_format": config.observation_format, "topk": config.topk,
                   "max_turns": config.max_turns, "max_queries_per_search": config.max_queries_per_search,
                   "over_query_cap": config.over_query_cap, "query_separator": config.query_separator,
@@ -88,16 +106,23 @@ class RunSummary:
     selection: dict[str, int] | None = None
 
 
-async def generate(questions: Sequence[Question], settings: RunSettings, teacher_settings: TeacherSettings,
+async def generate(questions: Sequence[Question], settings: RunSettings, teacher_settings: TeacherSettings | None,
                    out_dir: Path, *, render: Callable[[Messages], str] | None = None,
-                   truncate: Callable[[str], str] = str) -> RunSummary:
+                   truncate: Callable[[str], str] = str, teacher: TeacherLike | None = None,
+                   teacher_fields: Mapping[str, Any] | None = None) -> RunSummary:
     """Run the teacher on every question not done yet in ``out_dir``, then rewrite the kept file and, with a
-    selection, write the stage-2 RL parquet files."""
+    selection, write the stage-2 RL parquet files.
+
+    The teacher is the server at ``teacher_settings``, or ``teacher`` (then ``teacher_settings`` is None and
+    ``teacher_fields`` names it in the manifest).
+    """
+    if (teacher is None) == (teacher_settings is None) or (teacher is not None and teacher_fields is None):
+        raise ValueError("give either teacher_settings, or a teacher with its teacher_fields")
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_manifest(out_dir / MANIFEST_FILE, settings.manifest(teacher_settings))
+    check_manifest(out_dir / MANIFEST_FILE, settings.manifest(teacher_settings or teacher_fields))
     log = AttemptLog(out_dir / ATTEMPTS_FILE)
     states = _states(questions, log.load())
-    teacher = Teacher(teacher_settings, render)
+    teacher = teacher if teacher is not None else Teacher(teacher_settings, render)
     retriever = RetrievalClient(settings.config.retriever)
     summary = RunSummary()
     try:
@@ -130,7 +155,7 @@ def _states(questions: Sequence[Question], logged: list[AttemptSummary]) -> dict
 
 
 class _Generator:
-    def __init__(self, settings: RunSettings, teacher: Teacher, retriever: RetrievalClient, log: AttemptLog,
+    def __init__(self, settings: RunSettings, teacher: TeacherLike, retriever: RetrievalClient, log: AttemptLog,
                  states: dict[str, QuestionState], truncate: Callable[[str], str], summary: RunSummary):
         self.settings, self.teacher, self.retriever = settings, teacher, retriever
         self.log, self.states, self.truncate, self.summary = log, states, truncate, summary
