@@ -10,7 +10,10 @@ and points ``<checkpoint folder>/best`` at it (a relative symlink, or a copy wit
 next to it says which step, which loss, and lists every candidate. Stage 2 then starts from
 ``<checkpoint folder>/best/huggingface``.
 
-    python -m ragr1_verl.sft_checkpoints CHECKPOINT_DIR [--log FILE ...] [--copy]
+    python -m ragr1_verl.sft_checkpoints CHECKPOINT_DIR [--log FILE ...] [--copy] [--print-model-path]
+
+``--print-model-path`` prints just the best checkpoint's Hugging Face model folder on stdout (the report goes
+to stderr), for ``actor_rollout_ref.model.path=$(python -m ragr1_verl.sft_checkpoints CKPT --print-model-path)``.
 
 Without ``--log``, every ``*.jsonl`` file directly inside CHECKPOINT_DIR is read, oldest first. verl's file
 logger truncates its file when it starts, so give each (resumed) run its own file, e.g.
@@ -160,6 +163,22 @@ def has_hf_weights(checkpoint: str | os.PathLike) -> bool:
     return any(any(folder.glob(pattern)) for pattern in _HF_WEIGHTS)
 
 
+def hf_model_path(best: BestCheckpoint) -> Path:
+    """The chosen checkpoint's Hugging Face model folder (absolute), what stage 2 loads as its model path.
+
+    Raises :class:`CheckpointSelectionError` when it holds no weights (``hf_model`` was not saved) or only a
+    LoRA adapter (a folder main_ppo cannot load as a model).
+    """
+    folder = (best.path / "huggingface").resolve()
+    if not has_hf_weights(best.path):
+        raise CheckpointSelectionError(
+            f"{folder} has no model weights (hf_model was not in checkpoint.save_contents); merge them with: "
+            f"python -m verl.model_merger merge --backend fsdp --local_dir {best.path} --target_dir <out>")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise CheckpointSelectionError(f"{folder} holds a LoRA adapter, not a model folder")
+    return folder
+
+
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -176,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a verl file-logger JSONL; repeatable, oldest first "
                              "(default: CHECKPOINT_DIR/*.jsonl)")
     parser.add_argument("--copy", action="store_true", help="copy the folder instead of a symlink")
+    parser.add_argument("--print-model-path", action="store_true",
+                        help="print only the best checkpoint's Hugging Face folder on stdout (the stage-2 "
+                             "actor_rollout_ref.model.path); fail if it has no model weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logs = [Path(f) for f in args.log] if args.log else default_logs(args.checkpoint_dir)
@@ -188,6 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for step, loss in best.candidates.items():
         logger.info("  step %-8d val/loss %.6f%s", step, loss, "  <- best" if step == best.step else "")
     logger.info("best: %s -> %s", target, best.path.name)
+    if args.print_model_path:
+        try:
+            print(hf_model_path(best))
+        except CheckpointSelectionError as err:
+            logger.error("error: %s", err)
+            return 2
+        return 0
     if has_hf_weights(target):
         logger.info("stage-2 model path: %s", target / "huggingface")
     else:
