@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from ragr1_verl import metrics as ragr1_metrics
 from ragr1_verl.cpu.demo import ProcessTree, read_metrics
 from ragr1_verl.protocol import INFORMATION_OPEN, INVALID_ACTION_REMINDER
 
@@ -87,6 +88,32 @@ def test_masks_and_rewards_reached_the_trainer(ppo_run):
         assert "critic/score/mean" in metrics[step] and "critic/rewards/mean" in metrics[step]
         assert metrics[step]["critic/vf_loss"] > 0
     assert metrics[2]["actor/reward_kl_penalty"] != 0.0  # the KL penalty of the reward, after one update
+
+
+def test_every_training_step_logs_the_rollouts_and_the_rewards_own_means(ppo_run):
+    metrics, _, _ = ppo_run
+    for step in (1, 2):
+        logged = metrics[step]
+        searches = logged["ragr1/searches_per_trajectory"]
+        # every key, from the training batch (not val-aux); queries per search only in a step with a search
+        assert set(ragr1_metrics.KEYS) - set(logged) <= {"ragr1/queries_per_search"}, step
+        assert ("ragr1/queries_per_search" in logged) == (searches > 0), step
+        assert logged["ragr1/trajectories"] == 4  # train_batch_size 4, n 1: verl's batch padding left out
+        assert 0.0 <= searches <= 2  # ragr1.max_turns of the recipe
+        if searches > 0:
+            assert 1.0 <= logged["ragr1/queries_per_search"] <= 3  # max_queries_per_search
+        for key in ("answered", "budget_hit", "truncated", "em", "f1", "substring_em", "format_ok"):
+            assert 0.0 <= logged[f"ragr1/{key}"] <= 1.0, (step, key)
+        assert logged["ragr1/em"] <= min(logged["ragr1/f1"], logged["ragr1/substring_em"], logged["ragr1/answered"])
+        assert logged["ragr1/retrieval_s_per_trajectory"] >= 0.0
+        # the same trajectories verl's own metrics see: its turn count is 1 + rounds + searches + invalid
+        # actions per trajectory, and its score the EM (the recipe's reward has no format score)
+        assert logged["num_turns/mean"] == pytest.approx(1 + logged["ragr1/turns_per_trajectory"] + searches
+                                                         + logged["ragr1/invalid_actions_per_trajectory"])
+        assert logged["critic/score/mean"] == pytest.approx(logged["ragr1/em"])
+    # the tiny random model searches in some rounds and writes no valid action in others
+    assert any(metrics[step]["ragr1/searches_per_trajectory"] > 0
+               or metrics[step]["ragr1/invalid_actions_per_trajectory"] > 0 for step in (1, 2))
 
 
 def test_weight_sync_moved_the_rollout_to_the_updated_actor(ppo_run):
