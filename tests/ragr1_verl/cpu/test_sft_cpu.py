@@ -72,10 +72,25 @@ def test_every_asset_name_resolves_to_its_file(monkeypatch, tmp_path):
     resolved = {name: Path(assets.resolve(name)).relative_to(tmp_path).as_posix() for name in assets.ASSETS}
     assert resolved == {
         "model": "model", "train_files": "rl/train.parquet", "val_files": "rl/val.parquet",
+        "test_files": "rl/test.parquet",
         "sft_train_files": "sft-mq/train.parquet", "sft_val_files": "sft-mq/val.parquet",
         "sft_sq_train_files": "sft-sq/train.parquet", "sft_sq_val_files": "sft-sq/val.parquet"}
     with pytest.raises(ValueError, match="unknown asset"):
         assets.resolve("sft_test_files")
+
+
+def test_the_rl_demo_data_follows_the_questions_own_parts(tmp_path):
+    import pandas as pd
+
+    from ragr1_verl.data.questions import demo_questions
+
+    paths = assets.write_demo_data(tmp_path)
+    ids = {path.stem: [row["id"] for row in pd.read_parquet(path)["extra_info"]] for path in paths}
+    for name, part in (("train", "train"), ("val", "dev"), ("test", "test")):
+        assert ids[name] == [question.id for question in demo_questions(part=part)], name
+    assert not set(ids["test"]) & (set(ids["train"]) | set(ids["val"]))  # held out from training
+    indexes = [row["index"] for path in paths for row in pd.read_parquet(path)["extra_info"]]
+    assert indexes == list(range(len(indexes)))  # unique across the three files
 
 
 def test_demo_sft_data_comes_in_mq_and_sq_only():
