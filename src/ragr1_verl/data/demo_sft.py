@@ -82,7 +82,7 @@ def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
     with serving(ensure_demo_index("dense")) as (url, _service):
         config = cpu_recipe_config(mode, f"{url}/retrieve")
         for part, _ in PARTS:
-            questions = demo_questions(part)
+            questions = demo_questions("train", part=part)
             folder = out_dir / f"teacher-{part}"
             asyncio.run(run_scripted(questions, config, folder, tokenizer))
             kept_files[part] = folder / KEPT_FILE

@@ -74,7 +74,7 @@ def _question_arguments(group: argparse._ArgumentGroup) -> None:
                         help="questions: .jsonl/.json/.parquet with FlashRAG rows {id, question, golden_answers: "
                              "[...]} or RAG-R1 rows {question, golden_answers: '...'}")
     source.add_argument("--source", choices=(DEMO_SOURCE,),
-                        help="demo: the questions bundled with the retriever's demo corpus")
+                        help="demo: the train part of the questions bundled with the retriever's demo corpus")
     group.add_argument("--data-source", default=None, metavar="NAME",
                        help="data_source of rows that carry none (default: the file's stem)")
     group.add_argument("--limit", type=positive_int, default=None, metavar="N",
@@ -253,11 +253,12 @@ def scripted_tools(args: argparse.Namespace, max_obs_tokens: int) -> tuple[Calla
 
 
 def load_questions(args: argparse.Namespace) -> list[Question]:
-    """The questions of ``--input`` (or the demo set); with ``--limit``, a seeded subset in input order."""
+    """The questions of ``--input`` (or the demo set's train part: never its held-out test part); with
+    ``--limit``, a seeded subset in input order."""
     if args.input is not None:
         questions = read_question_file(args.input, data_source=args.data_source, split="train")
     else:
-        questions = demo_questions("train")
+        questions = demo_questions("train", part="train")
     return sample_questions(questions, args.limit, args.seed)
 
 

@@ -43,7 +43,8 @@ Kind = Literal["single-hop", "comparison", "bridge"]
 TEACHER_NAME = "scripted"
 # Queries a bridge question asks up front in mq mode: step 1's query and the question itself.
 BRIDGE_ASKS_THE_QUESTION = True
-QUOTE_WORDS = 24  # a quote longer than this many words is shortened when the turn would pass the token cap
+# When a turn would pass the round's token cap, its quotes are cut to these many words, in turn.
+QUOTE_WORDS = (24, 14)
 
 _OBSERVATION = re.compile(r"\n<information>\n(.*?)\n</information>\n", re.DOTALL)
 _SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
@@ -57,7 +58,7 @@ _PLAN = {
                       "Let me search for both sides of the comparison in one go."),
     "comparison-sq": ("I need facts on both; I start with the first.",
                       "I will look them up one at a time, first one side.",
-                      "Two things to compare: first the first one."),
+                      "Two things to compare; I start with one of them."),
     "bridge": ("This takes two steps; first I need the link.", "First I must find the intermediate fact.",
                "I need the first hop before the answer."),
 }
@@ -273,11 +274,11 @@ class _Round:
             answer = self._answer()
             if answer is None:
                 return []
-            return [self._answer_turn(answer, words) for words in (None, QUOTE_WORDS)]
+            return [self._answer_turn(answer, words) for words in (None, *QUOTE_WORDS)]
         queries = None if self.final else self._next_queries()
         if not queries:
             return []  # the evidence is not there and no search is left: no answer (the EM filter drops it)
-        return [self._search(queries, self._progress(words)) for words in (None, QUOTE_WORDS)]
+        return [self._search(queries, self._progress(words)) for words in (None, *QUOTE_WORDS)]
 
     # -- the searches
 
