@@ -446,3 +446,19 @@ def test_an_interrupted_last_line_is_ignored(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps({"step": 10, "data": {"val/loss": 0.5}}) + '\n{"step": 20, "data": {"val/lo')
     assert sft_checkpoints.read_val_losses([log]) == {10: 0.5}
+
+
+# --- +recipe=ragr1_sft_cpu (stage 1 on CPU) ---------------------------------------------------------------
+
+def test_the_cpu_sft_recipe_is_ragr1_sft_with_cpu_settings_and_leaves_ragr1_sft_alone(sft_job, tmp_path):
+    cpu_job = app_job("verl.trainer.sft_trainer", tmp_path, "+recipe=ragr1_sft_cpu")
+    assert cpu_job["trainer"]["device"] == "cpu" and cpu_job["engine"]["strategy"] == "fsdp2"
+    assert cpu_job["model"]["path"] == "${ragr1_cpu_demo:model}"  # printed unresolved: nothing is built
+    assert cpu_job["data"]["train_files"] == "${ragr1_cpu_demo:sft_train_files}"
+    # what keeps the lowest validation loss comes from ragr1_sft unchanged
+    for section, key in (("data", "custom_cls"), ("checkpoint", "save_contents"), ("trainer", "test_freq"),
+                         ("trainer", "save_freq"), ("trainer", "max_ckpt_to_keep"), ("trainer", "logger")):
+        assert cpu_job[section][key] == sft_job[section][key], (section, key)
+    # and the GPU recipe has none of the CPU settings
+    assert sft_job["trainer"]["device"] == "cuda" and sft_job["engine"]["strategy"] == "fsdp"
+    assert sft_job["model"]["path"] == "Qwen/Qwen2.5-7B-Instruct"

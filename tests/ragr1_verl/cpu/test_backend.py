@@ -44,6 +44,11 @@ def probe(env_value: str | None, *argv: str) -> list[str]:
     (["main_ppo", "+recipe=ragr1_cpu_grpo", "trainer.device=cpu"], {}, True),
     (["main_ppo", "recipe=ragr1_cpu"], {}, True),
     (["main_ppo", "+recipe=ragr1"], {}, False),
+    (["sft_trainer.py", "+recipe=ragr1_sft_cpu"], {}, True),
+    (["sft_trainer.py", "+recipe=ragr1_sft_cpu_sq", "data.max_length=512"], {}, True),
+    (["sft_trainer.py", "++recipe=ragr1_sft_cpu"], {}, True),
+    (["sft_trainer.py", "+recipe=ragr1_sft"], {}, False),
+    (["sft_trainer.py", "+recipe=ragr1_sft_cpu"], {"RAGR1_CPU_BACKEND": "0"}, False),
     (["main_ppo", "ragr1.note=recipe=ragr1_cpu"], {}, False),
     (["pytest"], {"RAGR1_CPU_BACKEND": "1"}, True),
     (["main_ppo", "+recipe=ragr1_cpu"], {"RAGR1_CPU_BACKEND": "0"}, False),
@@ -55,6 +60,8 @@ def test_selection_by_recipe_or_environment(argv, environ, expected):
 def test_a_recipe_override_is_recognised_only_as_such():
     assert selects_cpu_recipe("+recipe=ragr1_cpu") and not selects_cpu_recipe("+recipe=ragr1")
     assert not selects_cpu_recipe("recipe") and not selects_cpu_recipe("data.recipe=ragr1_cpu")
+    assert selects_cpu_recipe("+recipe=ragr1_sft_cpu") and not selects_cpu_recipe("+recipe=ragr1_sft")
+    assert not selects_cpu_recipe("+recipe=ragr1_sq") and not selects_cpu_recipe("trainer.recipe=ragr1_sft_cpu")
 
 
 @pytest.mark.slow
