@@ -579,3 +579,38 @@ def test_the_easy_draw_is_seeded_and_a_quarter():
     again = select(questions, states, SelectionSettings(seed=3))
     assert tuple(q.id for q in again.easy_kept) == draws[3]
     assert again.selected[-1].id == "m" and len(again.selected) == 3
+
+
+# --- the scripted teacher (no model server) ---------------------------------------------------------------------
+
+def test_the_scripted_teacher_runs_the_demo_train_part_without_a_server_and_resumes(tiny_model_dir, retriever_url,
+                                                                                   tmp_path):
+    args = ["sft-generate", "--source", "demo", "--teacher", "scripted", "--limit", "6", "--seed", "3",
+            "--tokenizer", str(tiny_model_dir), "--retriever-url", retriever_url, "--topk", "1", "--max-turns", "2",
+            "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 0
+    attempts = read_jsonl(tmp_path / ATTEMPTS)
+    expected = sample_questions(demo_questions(part="train"), 6, 3)
+    assert sorted(record["id"] for record in attempts) == sorted(question.id for question in expected)
+    assert all(record["temperature"] == 0.0 and record["attempt"] == 0 for record in attempts)
+    kept = read_jsonl(tmp_path / KEPT)
+    assert kept and all(record["em"] == 1 and record["searches"] >= 1 for record in kept)
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert (manifest["teacher_model"], manifest["api"], manifest["topk"], manifest["max_turns"]) == (
+        "scripted", "scripted", 1, 2)
+    assert cli.main(args) == 0  # resume: everything is done, nothing is redone
+    assert read_jsonl(tmp_path / ATTEMPTS) == attempts
+    assert cli.main([*args, "--mode", "sq"]) == 2  # one folder never mixes settings
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--teacher", "scripted", "--select-rl-data"], "--select-rl-data needs a model teacher"),
+    (["--teacher", "scripted", "--input", str(QUESTIONS)], "use --source demo"),
+    (["--teacher-model", "m"], "--teacher openai needs --teacher-url"),
+    (["--teacher-url", "http://127.0.0.1:9/v1"], "needs --teacher-model"),
+])
+def test_teacher_choices_are_checked(extra, message, tmp_path, caplog):
+    source = [] if "--input" in extra else ["--source", "demo"]
+    assert cli.main(["sft-generate", *source, *extra, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert message in caplog.text
+    assert not (tmp_path / ATTEMPTS).exists()
