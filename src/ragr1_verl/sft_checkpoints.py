@@ -176,7 +176,29 @@ def hf_model_path(best: BestCheckpoint) -> Path:
             f"python -m verl.model_merger merge --backend fsdp --local_dir {best.path} --target_dir <out>")
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise CheckpointSelectionError(f"{folder} holds a LoRA adapter, not a model folder")
+    wrapped = _peft_wrapped_key(folder)
+    if wrapped:
+        raise CheckpointSelectionError(
+            f"{folder} holds an unmerged LoRA state dict (e.g. {wrapped}): verl 0.9.1 saves a LoRA run's "
+            f"hf_model that way, and transformers would load it as random weights. Train without LoRA, or merge "
+            f"the adapters into the base model first")
     return folder
+
+
+def _peft_wrapped_key(folder: Path) -> str | None:
+    """A tensor name of a PEFT-wrapped model (``base_model.model.*``, ``lora_A``) in the folder's safetensors
+    files, or None. Only the files' headers are read."""
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(weights, "rb") as stream:
+                size = int.from_bytes(stream.read(8), "little")
+                header = json.loads(stream.read(size)) if 0 < size < 100_000_000 else {}
+        except (OSError, ValueError):  # not a readable safetensors header: loading will say so
+            continue
+        for name in header:
+            if name.startswith("base_model.model.") or ".lora_A." in name or ".lora_B." in name:
+                return name
+    return None
 
 
 def _remove(path: Path) -> None:

@@ -254,3 +254,19 @@ def test_the_best_checkpoint_is_the_lowest_validation_loss_and_main_ppo_trains_f
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     assert steps == [1]
     assert survivors == []
+
+
+def test_an_unmerged_lora_hf_model_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoints = _checkpoints(tmp_path / "ckpt", {3: 0.9})
+    hf = checkpoints / "global_step_3" / "huggingface"
+    # what verl 0.9.1's hf_model holds after a LoRA run: the PEFT wrapper's names
+    save_file({"base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight": torch.zeros(2, 2)},
+              hf / "model.safetensors")
+    best = sft_checkpoints.select_best(checkpoints, [checkpoints / "val.jsonl"])
+    with pytest.raises(sft_checkpoints.CheckpointSelectionError, match="unmerged LoRA"):
+        sft_checkpoints.hf_model_path(best)
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(2, 2)}, hf / "model.safetensors")
+    assert sft_checkpoints.hf_model_path(best) == hf.resolve()
