@@ -45,7 +45,8 @@ def ensure_demo_index(kind: str = "dense", root: Path | None = None, show_progre
 
 
 def load_demo_questions() -> list[dict]:
-    """The demo questions: ``question``, ``golden_answers``, ``type``, ``supporting_ids`` per row."""
+    """The demo questions: ``question``, ``golden_answers``, ``type``, ``hops``, ``supporting_ids``, ``split``
+    (train, dev or test) and the scripted ``steps`` per row."""
     with open(DEMO_QUESTIONS, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
@@ -83,13 +84,26 @@ def _show_one_request(url: str, sample: list[dict]) -> list[str]:
 
 
 def _recall_summary(url: str, questions: list[dict]) -> list[str]:
+    """Supporting-passage recall@3 of the question text, by type, by hops (multi-hop) and by split."""
     import requests
 
     payload = {"queries": [q["question"] for q in questions], "topk": 3}
     result = requests.post(f"{url}/retrieve", json=payload, timeout=120).json()["result"]
+    hits = [(q, any(d["id"] in q["supporting_ids"] for d in docs)) for q, docs in zip(questions, result)]
+
+    def line(label: str, rows: list[tuple[dict, bool]]) -> str:
+        found = sum(hit for _, hit in rows)
+        return f"  {label:10s}: {found}/{len(rows)} questions have a supporting passage in the top 3"
+
     lines = ["supporting-passage recall@3 over all demo questions:"]
     for kind in ("single-hop", "multi-hop"):
-        rows = [(q, docs) for q, docs in zip(questions, result) if q["type"] == kind]
-        found = sum(any(d["id"] in q["supporting_ids"] for d in docs) for q, docs in rows)
-        lines.append(f"  {kind:10s}: {found}/{len(rows)} questions have a supporting passage in the top 3")
+        lines.append(line(kind, [(q, hit) for q, hit in hits if q["type"] == kind]))
+    lines.append("by hops (multi-hop questions):")
+    for hops in ("bridge", "comparison"):
+        lines.append(line(hops, [(q, hit) for q, hit in hits if q.get("hops") == hops]))
+    lines.append("by split:")
+    for split in ("train", "dev", "test"):
+        rows = [(q, hit) for q, hit in hits if q.get("split") == split]
+        if rows:
+            lines.append(line(split, rows))
     return lines

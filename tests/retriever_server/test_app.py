@@ -7,9 +7,12 @@ import pytest
 import requests
 
 from retriever_server.batcher import BatchingConfig
+from retriever_server.demo import DEMO_CORPUS
 from retriever_server.service import LoadOptions
 from retriever_server.wire import RequestLimits
 from tests.retriever_server.helpers import post_retrieve, serving
+
+DEMO_SIZE = sum(1 for line in DEMO_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def _metric(url: str, name: str) -> float:
@@ -22,7 +25,7 @@ def test_health_reports_a_ready_demo_index(demo_server):
     url, _ = demo_server
     health = requests.get(f"{url}/health", timeout=10).json()
     assert health["ready"] is True and health["status"] == "ready"
-    assert health["corpus_size"] == 300 and health["index_type"] == "Flat" and health["encoder"] == "minilm"
+    assert health["corpus_size"] == DEMO_SIZE and health["index_type"] == "Flat" and health["encoder"] == "minilm"
     assert health["uptime_s"] >= 0
 
 
@@ -72,7 +75,7 @@ def test_topk_larger_than_the_corpus_returns_every_passage_once(tmp_path, demo_i
     url_result = None
     with serving(demo_index, limits=RequestLimits(max_topk=1000)) as (url, _):
         url_result = post_retrieve(url, {"queries": ["rivers"], "topk": 1000}).json()["result"][0]
-    assert len(url_result) == 300 and len({d["id"] for d in url_result}) == 300
+    assert len(url_result) == DEMO_SIZE and len({d["id"] for d in url_result}) == DEMO_SIZE
 
 
 def test_32_concurrent_clients_get_correct_answers_and_requests_are_coalesced(demo_index, demo_questions):

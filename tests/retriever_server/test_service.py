@@ -7,6 +7,7 @@ import pytest
 
 from retriever_server.batcher import BatchingConfig
 from retriever_server.corpus import write_corpus_arrow
+from retriever_server.demo import DEMO_CORPUS
 from retriever_server.encoders import resolve_model_path
 from retriever_server.manifest import ManifestError
 from retriever_server.service import LoadOptions, RetrievalService
@@ -70,7 +71,8 @@ def test_corpus_of_another_size_is_refused_and_both_are_named(index_copy, tmp_pa
     with pytest.raises(ManifestError) as caught:
         _load(index_copy, corpus=str(tmp_path / "other.arrow"))
     message = str(caught.value)
-    assert "corpus mismatch" in message and "300 passages" in message and "other.arrow" in message
+    demo_size = sum(1 for line in DEMO_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip())
+    assert "corpus mismatch" in message and f"{demo_size} passages" in message and "other.arrow" in message
 
 
 def test_files_changed_after_the_build_are_refused(index_copy):

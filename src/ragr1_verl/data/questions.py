@@ -34,6 +34,12 @@ class Question:
 
     ``question`` is already normalised (stripped, ending in ``?``); ``answers`` are stripped, non-empty and
     deduplicated in order; ``data_source`` names the dataset (the benchmark, for evaluation data).
+
+    ``extra`` keeps the row's own fields named in :data:`EXTRA_FIELDS` (the demo set's ``type``, ``hops``,
+    ``supporting_ids``, ``steps``, ``topic`` and its own ``split``: "train", "dev" or "test"), as they are in
+    the row, so an offline teacher can read the scripted search steps. It never reaches the parquet rows and
+    takes no part in equality. Note ``extra["split"]`` (the row's part of the demo set) is not ``split`` (the
+    verl split label given by the caller).
     """
 
     id: str
@@ -41,6 +47,10 @@ class Question:
     answers: list[str] = field(default_factory=list)
     data_source: str = "unknown"
     split: str = "train"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+EXTRA_FIELDS = ("type", "hops", "supporting_ids", "steps", "topic", "split")
 
 
 def _text_field(row: Mapping[str, Any], name: str, location: tuple[Any, int | None]) -> str:
@@ -130,8 +140,9 @@ def _question(row: Mapping[str, Any], path: Any, number: int | None, data_source
               split: str) -> Question:
     text = _text_field(row, "question", (path, number))
     answers = _answer_list(row["golden_answers"], path, number)
+    extra = {name: row[name] for name in EXTRA_FIELDS if name in row and row[name] is not None}
     return Question(id=_row_id(row, data_source, path, number), question=normalize_question(text),
-                    answers=answers, data_source=data_source, split=split)
+                    answers=answers, data_source=data_source, split=split, extra=extra)
 
 
 def parse_rows(rows: Iterable[Any], *, path: str | os.PathLike[str], data_source: str, split: str,
@@ -221,15 +232,28 @@ def read_question_file(path: str | os.PathLike[str], *, data_source: str | None 
 
 
 DEMO_SOURCE = "demo"
+DEMO_PARTS = ("train", "dev", "test")
 
 
-def demo_questions(split: str = "train") -> list[Question]:
-    """The 120 questions bundled with the retriever's demo corpus (``retriever_server/demo``)."""
+def demo_questions(split: str = "train", *, part: str | None = None) -> list[Question]:
+    """The questions bundled with the retriever's demo corpus (``retriever_server/demo``), in file order.
+
+    The file holds 255 questions, each in one part (its own ``split`` field): 173 ``train`` (for SFT and
+    RL), 16 ``dev`` (SFT validation loss, RL validation) and 66 held-out ``test`` (never trained on).
+    ``part`` keeps one part; None keeps all. ``split`` is only the verl split label written to the parquet
+    rows. Every question carries its ``type``, ``hops``, ``supporting_ids`` and scripted ``steps`` in
+    :attr:`Question.extra`.
+    """
     from importlib import resources
 
+    if part is not None and part not in DEMO_PARTS:
+        raise ValueError(f"part must be one of {', '.join(DEMO_PARTS)} or None, got {part!r}")
     # Only the package folder is located: importing retriever_server.demo would pull in the index builder.
     with resources.as_file(resources.files("retriever_server").joinpath("demo", "questions.jsonl")) as path:
-        return read_question_file(path, data_source=DEMO_SOURCE, split=split)
+        questions = read_question_file(path, data_source=DEMO_SOURCE, split=split)
+    if part is not None:
+        questions = [question for question in questions if question.extra.get("split") == part]
+    return questions
 
 
 def sample_questions(questions: Sequence[Question], limit: int | None, seed: int) -> list[Question]:

@@ -11,6 +11,7 @@ import pytest
 
 from ragr1_verl.data.benchmarks import BENCHMARKS, parse_benchmarks, pick_split
 from ragr1_verl.data.io import DataError
+from ragr1_verl.data.questions import demo_questions
 from tests.ragr1_verl.data.test_rl import (
     CONSOLE_SCRIPT,
     FIXTURES,
@@ -91,7 +92,7 @@ def test_demo_source(tmp_path):
     assert run_cli("eval", "--source", "demo", "--combined", "--out", tmp_path) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["all.parquet", "demo.parquet"]
     rows = read_rows(tmp_path / "demo.parquet")
-    assert len(rows) == 120 and {row["data_source"] for row in rows} == {"demo"}
+    assert len(rows) == len(demo_questions()) and {row["data_source"] for row in rows} == {"demo"}
     assert {row["extra_info"]["split"] for row in rows} == {"test"}
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -158,7 +161,32 @@ def test_template_errors_become_data_errors(tmp_path):
 
 def test_demo_questions():
     questions = demo_questions()
-    assert len(questions) == 120
+    with resources.as_file(resources.files("retriever_server").joinpath("demo", "questions.jsonl")) as path:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(questions) == len(rows) and [q.id for q in questions] == [row["id"] for row in rows]
     assert {q.data_source for q in questions} == {"demo"}
     assert all(q.question.endswith("?") and q.answers for q in questions)
     assert questions[0].id == "demo-000"
+
+
+def test_demo_question_parts_and_their_scripted_steps():
+    everything = demo_questions()
+    parts = {part: demo_questions(part=part) for part in ("train", "dev", "test")}
+    assert sum(len(questions) for questions in parts.values()) == len(everything)
+    assert len(parts["dev"]) == 16 and len(parts["test"]) >= 66 and len(parts["train"]) >= 170
+    assert all(q.extra["split"] == part for part, questions in parts.items() for q in questions)
+    assert {q.split for q in demo_questions("validation", part="dev")} == {"validation"}  # the verl label
+    bridge = next(q for q in parts["test"] if q.extra.get("hops") == "bridge")
+    assert bridge.extra["type"] == "multi-hop" and len(bridge.extra["steps"]) == 2
+    assert set(bridge.extra["supporting_ids"]) == {step["evidence_id"] for step in bridge.extra["steps"]}
+    assert "extra" not in rl_row(bridge, index=0, split="test")["extra_info"]
+    with pytest.raises(ValueError, match="part must be one of"):
+        demo_questions(part="validation")
+
+
+def test_extra_fields_are_kept_and_do_not_change_equality():
+    row = {"id": "q1", "question": "Who?", "golden_answers": ["A"], "steps": [{"query": "who"}],
+           "hops": "bridge", "unrelated": 1}
+    parsed = parse_question_row(row, path="x.jsonl", number=1, data_source="s", split="train")
+    assert parsed.extra == {"steps": [{"query": "who"}], "hops": "bridge"}
+    assert parsed == Question(id="q1", question="Who?", answers=["A"], data_source="s", split="train")

@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ragr1_verl.data import cli
-from ragr1_verl.data.questions import rl_schema
+from ragr1_verl.data.questions import demo_questions, rl_schema
 from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
 from ragr1_verl.reward import compute_score, gold_answers
 
 FIXTURES = Path(__file__).parent / "fixtures"
+DEMO_QUESTION_COUNT = len(demo_questions())
 CONSOLE_SCRIPT = Path(sys.executable).parent / "ragr1-data"
 
 
@@ -129,7 +130,8 @@ def test_demo_source(tmp_path, tiny_model_dir):
     assert run_cli("rl", "--source", "demo", "--out", tmp_path / "out") == 0
     train = read_rows(tmp_path / "out" / "train.parquet")
     test = check_with_verl([tmp_path / "out" / "test.parquet"], tiny_model_dir, tmp_path / "cache")
-    assert (len(train), len(test)) == (114, 6)  # RAG-R1's 95/5 split of the 120 demo questions
+    held_out = round(DEMO_QUESTION_COUNT * 0.05)  # RAG-R1's 95/5 split of the demo questions
+    assert (len(train), len(test)) == (DEMO_QUESTION_COUNT - held_out, held_out)
     assert {row["data_source"] for row in train + test} == {"demo"}
 
 
@@ -233,7 +235,7 @@ def test_a_failure_while_writing_leaves_nothing_partial(tmp_path, monkeypatch):
     (["--source", "flashrag", "--test-size", "0.1"], "--test-size does not apply to --source flashrag"),
     (["--input", "x.jsonl", "--input-dir", "d"], "--input-dir does not apply to --input"),
     (["--source", "demo", "--train-datasets", "nq"], "apply to --source flashrag only"),
-    (["--source", "demo", "--test-size", "200"], "120 question(s) cannot give 200 test question(s)"),
+    (["--source", "demo", "--test-size", "1000"], f"{DEMO_QUESTION_COUNT} question(s) cannot give 1000 test question(s)"),
     (["--source", "demo", "--prompt-template", "no placeholder here"], "--prompt-template"),
     (["--source", "ragr1", "--input-dir", str(FIXTURES / "eval_flashrag")], "no RAG-R1 mq train file"),
 ])
