@@ -10,8 +10,8 @@ model teacher goes through.
 Each round it reads what was actually retrieved (the ``<information>`` blocks of the text so far) and:
 
 - **plans** the searches: mq mode asks for everything it can in one ``<search>`` (both compared entities'
-  queries; for a bridge question, step 1's query and the question itself), then step 2's query only when its
-  evidence is still missing. sq mode asks one query per search. A single hop is one search, one query.
+  queries; for a bridge question, step 1's query, and the question itself with ``BRIDGE_ASKS_THE_QUESTION``),
+  then step 2's query, naming the bridge entity, only when its evidence is still missing. sq mode asks one query per search. A single hop is one search, one query.
 - **reasons** in a short ``<think>`` that quotes the evidence sentence found in the retrieved text;
 - **re-asks** once with a reformulated query when a hop's evidence was not retrieved, within the budget;
 - **answers** only from retrieved text: a gold answer found in the retrieved text (as written there), once
@@ -41,8 +41,10 @@ from ragr1_verl.data.teacher.client import Completion, Messages, Sampling
 Kind = Literal["single-hop", "comparison", "bridge"]
 
 TEACHER_NAME = "scripted"
-# Queries a bridge question asks up front in mq mode: step 1's query and the question itself.
-BRIDGE_ASKS_THE_QUESTION = True
+# Whether a bridge question also asks the question itself up front in mq mode (beside step 1's query). Off: on
+# the demo data it saves few second searches but adds a passage to every bridge trajectory, and 45 of 166 mq
+# trajectories then outgrow the CPU recipe's 640-token responses (1 of 166 without it).
+BRIDGE_ASKS_THE_QUESTION = False
 # When a turn would pass the round's token cap, its quotes are cut to these many words, in turn.
 QUOTE_WORDS = (24, 14)
 
