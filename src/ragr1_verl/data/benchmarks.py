@@ -185,7 +185,7 @@ def load_all(args: argparse.Namespace) -> list[LoadedSplit]:
     if args.source == DEMO_SOURCE:
         if args.benchmarks is not None or args.input_dir is not None:
             raise DataError("--benchmarks and --input-dir do not apply to --source demo")
-        questions = demo_questions(split="test")
+        questions = demo_questions(split="test", part="test")  # the held-out part, never trained on
         loaded = [LoadedSplit(DEMO_SOURCE, "test", "retriever_server/demo/questions.jsonl", questions)]
     else:
         loaded = [load_benchmark(name, split=args.split, input_dir=args.input_dir, hub=args.hub_dataset)

@@ -96,7 +96,7 @@ def add_parser(subparsers: Any) -> None:
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-input", metavar="FILE", help="with --input: the test questions' file")
     parser.add_argument("--test-size", type=_test_size, default=None, metavar="SIZE",
-                        help="with --input (no --test-input) or --source demo: hold out this fraction "
+                        help="with --input (no --test-input): hold out this fraction "
                              f"(< 1) or count of questions as the test set (default {DEFAULT_TEST_SIZE})")
     parser.add_argument("--data-source", default=None, metavar="NAME",
                         help="with --input: data_source of rows that carry none (default: the file's stem)")
@@ -121,7 +121,7 @@ def _check_options(args: argparse.Namespace) -> None:
     source = "input" if args.input else args.source
     allowed = {
         "input": {"test_input", "test_size", "data_source"},
-        DEMO_SOURCE: {"test_size"},
+        DEMO_SOURCE: set(),  # the questions' own split field decides
         "flashrag": {"input_dir", "hub_dataset"},
         "ragr1": {"input_dir", "hub_dataset", "ragr1_set"},
     }[source]
@@ -146,8 +146,9 @@ def load_splits(args: argparse.Namespace) -> RlSplits:
     if args.input:
         return _from_files(args)
     if args.source == DEMO_SOURCE:
-        train, test = hold_out(demo_questions(), _size(args), args.seed, source="the demo questions")
-        return RlSplits(train, test, "the bundled demo questions")
+        # train for training, dev for validation; the held-out test part is for evaluation only
+        train, dev = demo_questions(part="train"), demo_questions(split="test", part="dev")
+        return RlSplits(train, dev, "the bundled demo questions (train part; dev part as the test file)")
     if args.source == "flashrag":
         return _from_flashrag(args)
     return _from_ragr1(args)

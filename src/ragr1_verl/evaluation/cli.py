@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", nargs="+", metavar="PARQUET", help="evaluation files (ragr1-data eval)")
     parser.add_argument("--demo", action="store_true",
-                        help="evaluate on the bundled demo questions with the demo retriever started in-process "
+                        help="evaluate on the held-out demo questions with the demo retriever started in-process "
                              "(needs the retriever extra); --data and --retriever-url are then not needed")
     parser.add_argument("--out", required=True, type=Path, help="run folder (created; resumed if present)")
     backend = parser.add_argument_group("generation")

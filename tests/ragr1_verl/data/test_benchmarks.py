@@ -92,7 +92,8 @@ def test_demo_source(tmp_path):
     assert run_cli("eval", "--source", "demo", "--combined", "--out", tmp_path) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["all.parquet", "demo.parquet"]
     rows = read_rows(tmp_path / "demo.parquet")
-    assert len(rows) == len(demo_questions()) and {row["data_source"] for row in rows} == {"demo"}
+    held_out = {q.question for q in demo_questions(part="test")}  # only the part never trained on
+    assert {row["extra_info"]["question"] for row in rows} == held_out and {row["data_source"] for row in rows} == {"demo"}
     assert {row["extra_info"]["split"] for row in rows} == {"test"}
 
 

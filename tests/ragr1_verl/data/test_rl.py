@@ -18,7 +18,6 @@ from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_p
 from ragr1_verl.reward import compute_score, gold_answers
 
 FIXTURES = Path(__file__).parent / "fixtures"
-DEMO_QUESTION_COUNT = len(demo_questions())
 CONSOLE_SCRIPT = Path(sys.executable).parent / "ragr1-data"
 
 
@@ -130,8 +129,10 @@ def test_demo_source(tmp_path, tiny_model_dir):
     assert run_cli("rl", "--source", "demo", "--out", tmp_path / "out") == 0
     train = read_rows(tmp_path / "out" / "train.parquet")
     test = check_with_verl([tmp_path / "out" / "test.parquet"], tiny_model_dir, tmp_path / "cache")
-    held_out = round(DEMO_QUESTION_COUNT * 0.05)  # RAG-R1's 95/5 split of the demo questions
-    assert (len(train), len(test)) == (DEMO_QUESTION_COUNT - held_out, held_out)
+    # the questions' own parts: train to train on, dev to validate on; the held-out test part never appears
+    parts = {q.question: q.extra.get("split") for q in demo_questions()}
+    assert [parts[row["extra_info"]["question"]] for row in train] == ["train"] * len(demo_questions(part="train"))
+    assert [parts[row["extra_info"]["question"]] for row in test] == ["dev"] * len(demo_questions(part="dev"))
     assert {row["data_source"] for row in train + test} == {"demo"}
 
 
@@ -235,7 +236,7 @@ def test_a_failure_while_writing_leaves_nothing_partial(tmp_path, monkeypatch):
     (["--source", "flashrag", "--test-size", "0.1"], "--test-size does not apply to --source flashrag"),
     (["--input", "x.jsonl", "--input-dir", "d"], "--input-dir does not apply to --input"),
     (["--source", "demo", "--train-datasets", "nq"], "apply to --source flashrag only"),
-    (["--source", "demo", "--test-size", "1000"], f"{DEMO_QUESTION_COUNT} question(s) cannot give 1000 test question(s)"),
+    (["--source", "demo", "--test-size", "0.1"], "--test-size does not apply to --source demo"),
     (["--source", "demo", "--prompt-template", "no placeholder here"], "--prompt-template"),
     (["--source", "ragr1", "--input-dir", str(FIXTURES / "eval_flashrag")], "no RAG-R1 mq train file"),
 ])
