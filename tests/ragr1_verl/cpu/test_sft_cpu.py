@@ -118,6 +118,16 @@ def test_the_demo_sft_data_is_built_once_by_the_teacher_function(monkeypatch, tm
     assert assets.resolve("sft_sq_val_files") == first and Path(first).read_text() == "sq val"
     assert Path(assets.resolve("sft_train_files")).read_text() == "mq train"
     assert calls == ["sq", "mq"]
+    monkeypatch.setattr(assets, "sft_inputs_fingerprint", lambda: "changed")  # e.g. the teacher changed
+    assert assets.resolve("sft_train_files") != first.replace("sq/val", "mq/train")
+    assert calls == ["sq", "mq", "mq"]  # rebuilt, not served from before the change
+
+
+def test_the_sft_fingerprint_covers_every_input_file():
+    from importlib import resources
+
+    assert all(resources.files(package).joinpath(name).is_file() for package, name in assets.SFT_INPUTS)
+    assert len(assets.sft_inputs_fingerprint()) == 12
 
 
 def test_the_sft_cpu_recipes_compose_for_sft_trainer_on_the_demo_assets():
