@@ -38,7 +38,11 @@ logger = logging.getLogger("ragr1-verl-demo")
 STAGES = ("sft", "rl", "eval")
 RL_RECIPES = {"ppo": "ragr1_cpu", "grpo": "ragr1_cpu_grpo"}
 SFT_RECIPES = {"mq": "ragr1_sft_cpu", "sq": "ragr1_sft_cpu_sq"}
-EVAL_CONCURRENCY = 16  # held-out questions decoded together as one batch (ragr1-eval's batched CPU backend)
+EVAL_CONCURRENCY = 32  # held-out questions decoded together as one batch (ragr1-eval's batched CPU backend)
+DEFAULT_RL_STEPS = 20  # enough for a reward curve; a step of 2 prompts costs about a minute on 2 cores
+# The demo's RL batch: 2 prompts a step (the recipe's 4 doubles the step time: every phase is compute-bound).
+RL_BATCH = ("data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+            "critic.ppo_mini_batch_size=2")
 MILESTONES = {"ray init kwargs": "starting Ray and the verl workers",
               "LLMServerManager:": "rollout server (transformers on CPU) up, first rollout running"}
 
@@ -66,7 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="mq: several queries per search (RAG-R1); sq: one query per search")
     parser.add_argument("--algorithm", choices=sorted(RL_RECIPES), default="ppo",
                         help="ppo: PPO with a critic as the paper trains (recipe ragr1_cpu); grpo: ragr1_cpu_grpo")
-    parser.add_argument("--steps", type=int, default=None, help="RL training steps (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_RL_STEPS,
+                        help="RL training steps of 2 prompts each; the held-out evaluation follows when eval is "
+                             "a stage, else verl validates on the dev questions after the last step")
     parser.add_argument("--model", default=None, help="a transformers model folder instead of SmolLM2-135M")
     parser.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for the SFT trainer (repeatable), e.g. trainer.total_epochs=3")
@@ -189,7 +195,9 @@ def sft_command(run: Run, checkpoints: Path) -> list[str]:
     """verl's SFT trainer under torchrun (one CPU rank), the CPU SFT recipe, then the user's overrides."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                "-m", "verl.trainer.sft_trainer", f"+recipe={SFT_RECIPES[run.args.mode]}",
-               f"trainer.default_local_dir={checkpoints}", "trainer.logger=[console,file]"]
+               f"trainer.default_local_dir={checkpoints}", "trainer.logger=[console,file]",
+               # the model only, as a Hugging Face folder: a demo run is not resumed (optimizer: 1 GB an epoch)
+               "checkpoint.save_contents=[hf_model]"]
     if run.args.model is not None:
         command.append(f"model.path={run.models['base']}")
     return command + list(run.args.sft_override)
@@ -210,7 +218,7 @@ def _sft_stage(run: Run) -> None:
     best = select_best(checkpoints, [metrics])
     mark_best(checkpoints, best)
     run.models["sft"] = (checkpoints / "best" / "huggingface").resolve()
-    _out(f"SFT: kept step {best.step} (validation loss {best.loss:.4f}): {run.models['sft']}")
+    _out(f"SFT: kept step {best.step} (validation loss {best.val_loss:.4f}): {run.models['sft']}")
 
 
 @dataclass
@@ -226,11 +234,13 @@ class _SFTProgress:
             self.report()
 
     def report(self, final: bool = False) -> None:
-        for step, values in sorted(read_metrics(self.metrics).items()):
-            if step in self.printed:
+        steps = read_metrics(self.metrics)
+        last = max(steps, default=0)
+        for step, values in sorted(steps.items()):
+            if step in self.printed or step < max(self.printed, default=0):
                 continue
             validated = values.get(report.SFT_VAL_LOSS) is not None
-            if validated or step % self.every == 0 or step == 1 or final:
+            if validated or step % self.every == 0 or step == 1 or (final and step == last):
                 self.printed.add(step)
                 parts = [f"SFT step {step:>4}"]
                 if values.get(report.SFT_LOSS) is not None:
@@ -256,8 +266,9 @@ def rl_command(run: Run, start_model: Path) -> list[str]:
                "critic.checkpoint.save_contents=[]"]
     if run.args.mode == "sq":
         command += ["ragr1.mode=sq", "ragr1.prompt_template=sq"]
-    if run.args.steps is not None:
-        command += [f"trainer.total_training_steps={run.args.steps}", f"trainer.test_freq={run.args.steps}"]
+    # the eval stage measures every model on the held-out questions: no extra validation pass then
+    test_freq = -1 if "eval" in run.args.stages else run.args.steps
+    command += [*RL_BATCH, f"trainer.total_training_steps={run.args.steps}", f"trainer.test_freq={test_freq}"]
     return command + [item for item in run.overrides if not item.startswith("actor_rollout_ref.model.path=")]
 
 

@@ -33,6 +33,8 @@ def test_rl_starts_from_the_sft_model_saves_the_final_actor_and_user_overrides_c
     assert f"actor_rollout_ref.model.path={tmp_path / 'sft-best'}" in command
     assert "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]" in command
     assert {"ragr1.mode=sq", "ragr1.prompt_template=sq", "trainer.total_training_steps=4"} <= set(command)
+    assert "trainer.test_freq=-1" in command  # the eval stage measures the models: no validation pass
+    assert "trainer.test_freq=4" in demo.rl_command(_run(tmp_path, ["--stages", "rl", "--steps", "4"]), tmp_path)
     assert command[-1] == "ragr1.max_turns=3"
 
 

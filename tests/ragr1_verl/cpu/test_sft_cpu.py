@@ -18,7 +18,7 @@ from ragr1_verl import sft_checkpoints
 from ragr1_verl.cpu import assets, patches
 
 FIXTURE_TRAJECTORIES = Path(__file__).parents[1] / "data" / "fixtures" / "sft_trajectories.jsonl"
-SFT_TIMEOUT_S = 240
+SFT_TIMEOUT_S = 420
 
 
 # -- the torchrun process-group patch ---------------------------------------------------------------------
