@@ -32,9 +32,10 @@ def script(question_on: str, round_number: int) -> str:
 
 @pytest.fixture(scope="module")
 def demo_parquet(tmp_path_factory) -> Path:
+    # the scripted turns follow the first demo questions (train part); the parquet schema is the eval one
     out = tmp_path_factory.mktemp("eval-data")
-    assert data_main(["eval", "--source", "demo", "--out", str(out)]) == 0
-    return out / "demo.parquet"
+    assert data_main(["rl", "--source", "demo", "--out", str(out)]) == 0
+    return out / "train.parquet"
 
 
 @pytest.fixture
