@@ -32,6 +32,7 @@ from typing import Any
 from ragr1_verl.cpu import demo_report as report
 from ragr1_verl.cpu.demo_report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
 from ragr1_verl.cpu.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
+from ragr1_verl.data.io import positive_int
 
 logger = logging.getLogger("ragr1-verl-demo")
 
@@ -70,13 +71,13 @@ def make_parser() -> argparse.ArgumentParser:
                         help="mq: several queries per search (RAG-R1); sq: one query per search")
     parser.add_argument("--algorithm", choices=sorted(RL_RECIPES), default="ppo",
                         help="ppo: PPO with a critic as the paper trains (recipe ragr1_cpu); grpo: ragr1_cpu_grpo")
-    parser.add_argument("--steps", type=int, default=DEFAULT_RL_STEPS,
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_RL_STEPS,
                         help="RL training steps of 2 prompts each; the held-out evaluation follows when eval is "
                              "a stage, else verl validates on the dev questions after the last step")
     parser.add_argument("--model", default=None, help="a transformers model folder instead of SmolLM2-135M")
     parser.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for the SFT trainer (repeatable), e.g. trainer.total_epochs=3")
-    parser.add_argument("--eval-limit", type=int, default=None,
+    parser.add_argument("--eval-limit", type=positive_int, default=None,
                         help="evaluate only the first N held-out questions (default: all)")
     parser.add_argument("--retriever-url", default=None,
                         help="use this running retriever instead of starting the demo one")
@@ -209,7 +210,7 @@ def _sft_stage(run: Run) -> None:
     checkpoints, metrics = run.path("sft", "checkpoints"), run.path("sft", "metrics.jsonl")
     command = sft_command(run, checkpoints)
     logger.info("SFT: %s\n(full output in %s)", " ".join(command), run.path("sft", "train.log"))
-    progress = _SFTProgress(metrics)
+    progress = SFTProgress(metrics)
     code = run_logged(command, log=run.path("sft", "train.log"), cwd=run.folder, env=_tool_env(metrics),
                       on_line=progress.on_line)
     progress.report(final=True)
@@ -222,11 +223,13 @@ def _sft_stage(run: Run) -> None:
 
 
 @dataclass
-class _SFTProgress:
-    """Prints the SFT loss every few steps and each validation, as verl's file logger writes them."""
+class SFTProgress:
+    """Prints the SFT loss every few steps and each validation loss, as verl's file logger writes them (a
+    step's validation loss is logged after its training loss, so the two are printed apart)."""
 
     metrics: Path
     printed: set[int] = field(default_factory=set)
+    validated: set[int] = field(default_factory=set)
     every: int = 5
 
     def on_line(self, line: str) -> None:
@@ -237,17 +240,14 @@ class _SFTProgress:
         steps = read_metrics(self.metrics)
         last = max(steps, default=0)
         for step, values in sorted(steps.items()):
-            if step in self.printed or step < max(self.printed, default=0):
-                continue
-            validated = values.get(report.SFT_VAL_LOSS) is not None
-            if validated or step % self.every == 0 or step == 1 or (final and step == last):
+            loss, val_loss = values.get(report.SFT_LOSS), values.get(report.SFT_VAL_LOSS)
+            due = step % self.every == 0 or step == 1 or (final and step == last)
+            if loss is not None and due and step not in self.printed:
                 self.printed.add(step)
-                parts = [f"SFT step {step:>4}"]
-                if values.get(report.SFT_LOSS) is not None:
-                    parts.append(f"loss {values[report.SFT_LOSS]:.4f}")
-                if validated:
-                    parts.append(f"validation loss {values[report.SFT_VAL_LOSS]:.4f}")
-                _out("  ".join(parts))
+                _out(f"SFT step {step:>4}  loss {loss:.4f}")
+            if val_loss is not None and step not in self.validated:
+                self.validated.add(step)
+                _out(f"SFT step {step:>4}  validation loss {val_loss:.4f}")
 
 
 # -- stage 2: RL ------------------------------------------------------------------------------------------

@@ -99,3 +99,22 @@ def test_metrics_files_skip_a_cut_line_and_the_plot_is_a_png(tmp_path):
     plot = report.write_plot(tmp_path / "p.png", sft, {1: {"critic/score/mean": 0.1, "ragr1/em": 0.2}})
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.write_plot(tmp_path / "none.png", {}, {}) is None
+
+
+def test_sft_progress_prints_every_few_steps_and_each_validation_even_when_it_comes_later(tmp_path, capsys):
+    metrics = tmp_path / "m.jsonl"
+    progress = demo.SFTProgress(metrics)
+
+    def log(step, **data):
+        with metrics.open("a") as handle:
+            handle.write(json.dumps({"step": step, "data": {k.replace("_", "/"): v for k, v in data.items()}}) + "\n")
+        progress.report()
+
+    for step in range(1, 6):
+        log(step, train_loss=1.0 / step)
+    log(5, val_loss=0.9)  # verl logs the validation after the step's training line
+    log(6, train_loss=0.1)
+    progress.report(final=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["SFT step    1  loss 1.0000", "SFT step    5  loss 0.2000",
+                     "SFT step    5  validation loss 0.9000", "SFT step    6  loss 0.1000"]
