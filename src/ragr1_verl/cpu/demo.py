@@ -42,8 +42,11 @@ SFT_RECIPES = {"mq": "ragr1_sft_cpu", "sq": "ragr1_sft_cpu_sq"}
 EVAL_CONCURRENCY = 32  # held-out questions decoded together as one batch (ragr1-eval's batched CPU backend)
 DEFAULT_RL_STEPS = 20  # enough for a reward curve; a step of 2 prompts costs about a minute on 2 cores
 # The demo's RL batch: 2 prompts a step (the recipe's 4 doubles the step time: every phase is compute-bound).
+# verl splits each phase's batch into micro-batches that must divide it.
 RL_BATCH = ("data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-            "critic.ppo_mini_batch_size=2")
+            "critic.ppo_mini_batch_size=2", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "critic.ppo_micro_batch_size_per_gpu=2")
 MILESTONES = {"ray init kwargs": "starting Ray and the verl workers",
               "LLMServerManager:": "rollout server (transformers on CPU) up, first rollout running"}
 
@@ -75,6 +78,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="RL training steps of 2 prompts each; the held-out evaluation follows when eval is "
                              "a stage, else verl validates on the dev questions after the last step")
     parser.add_argument("--model", default=None, help="a transformers model folder instead of SmolLM2-135M")
+    parser.add_argument("--sft-model", type=Path, default=None,
+                        help="an earlier stage-1 result (a Hugging Face folder) to start RL from and evaluate as "
+                             "the after-SFT model, instead of running stage 1")
     parser.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for the SFT trainer (repeatable), e.g. trainer.total_epochs=3")
     parser.add_argument("--eval-limit", type=positive_int, default=None,
@@ -142,6 +148,8 @@ def _run_folder(requested: Path | None) -> Path:
 
 def _run_stages(run: Run) -> None:
     run.models["base"] = _base_model(run)
+    if run.args.sft_model is not None:
+        run.models["sft"] = run.args.sft_model.expanduser().resolve()
     for stage, action in (("sft", _sft_stage), ("rl", _rl_stage), ("eval", _eval_stage)):
         if stage in run.args.stages:
             started = time.monotonic()

@@ -118,3 +118,12 @@ def test_sft_progress_prints_every_few_steps_and_each_validation_even_when_it_co
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["SFT step    1  loss 1.0000", "SFT step    5  loss 0.2000",
                      "SFT step    5  validation loss 0.9000", "SFT step    6  loss 0.1000"]
+
+
+def test_an_earlier_sft_model_is_the_rl_start_and_the_after_sft_model(tmp_path, monkeypatch):
+    run = _run(tmp_path, ["--stages", "rl", "--sft-model", str(tmp_path / "sft")])
+    started = []
+    monkeypatch.setattr(demo, "_base_model", lambda run: tmp_path / "base")
+    monkeypatch.setattr(demo, "_rl_stage", lambda run: started.append(run.models.get("sft", run.models["base"])))
+    demo._run_stages(run)
+    assert started == [(tmp_path / "sft").resolve()] and list(run.models) == ["base", "sft"]
