@@ -40,11 +40,6 @@ def policy_tokenizer(policy_dir):
     return AutoTokenizer.from_pretrained(policy_dir)
 
 
-@pytest.fixture(scope="module")
-def retriever_url(demo_server) -> str:
-    return f"{demo_server[0]}/retrieve"
-
-
 def by_kind(part: str = "train") -> dict[str, list]:
     kinds: dict[str, list] = {}
     for question in demo_questions(part=part):

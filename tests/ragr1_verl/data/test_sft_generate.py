@@ -173,11 +173,6 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def retriever_url(demo_server) -> str:
-    return f"{demo_server[0]}/retrieve"
-
-
-@pytest.fixture(scope="module")
 def generate(tiny_model_dir, retriever_url):
     """Run the subcommand through the ``ragr1-data`` entry point; returns its exit code."""
 
