@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -19,8 +19,6 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 INFORMATION_OPEN, INFORMATION_CLOSE = "<information>", "</information>"
 STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
 
-_ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INFORMATION = re.compile(r"<information>.*?(?:</information>|$)", re.DOTALL)
 
 Mode = Literal["mq", "sq"]
@@ -39,18 +37,86 @@ class Action:
     end: int = -1
 
 
-def parse_action(text: str) -> Action:
+def parse_action(text: str, start: int = 0) -> Action:
     """The first complete ``<search>...</search>`` or ``<answer>...</answer>`` of a turn, else invalid.
+
+    Only ``text[start:]`` is read; ``end`` counts from the start of ``text``, so a caller walks a long text
+    action by action without copying it. The content runs to the first closing tag of the opener's kind.
+    Linear in the text on any input (a regex with a lazy group is quadratic on thousands of unclosed
+    openers, which a model can write).
 
     >>> parse_action("<think>hm</think><search> a, b </search> trailing")
     Action(kind='search', content=' a, b ', end=40)
     >>> parse_action("<answer>Paris").kind
     'invalid'
     """
-    match = _ACTION.search(text)
-    if match is None:
+    found = [block for block in (_first_block(text, SEARCH_OPEN, SEARCH_CLOSE, start),
+                                 _first_block(text, ANSWER_OPEN, ANSWER_CLOSE, start)) if block is not None]
+    if not found:
         return Action("invalid")
-    return Action(match.group(1), match.group(2), match.end())  # type: ignore[arg-type]
+    opened, closed, kind = min(found)
+    content_start = opened + len(SEARCH_OPEN if kind == "search" else ANSWER_OPEN)
+    return Action(kind, text[content_start:closed], closed + len(f"</{kind}>"))  # type: ignore[arg-type]
+
+
+def _first_block(text: str, opener: str, closer: str, start: int) -> tuple[int, int, str] | None:
+    """(opener position, closer position, tag) of the first complete block at or after ``start``.
+
+    If the first opener has no closer after it, no later opener has one either: two ``find`` calls suffice.
+    """
+    opened = text.find(opener, start)
+    if opened < 0:
+        return None
+    closed = text.find(closer, opened + len(opener))
+    return (opened, closed, opener[1:-1]) if closed >= 0 else None
+
+
+def iter_actions(text: str) -> Iterator[Action]:
+    """The complete actions of a text in order, each parsed after the previous one (as the rollout reads turns).
+
+    Linear in the text: each kind's next block is found once and reused until an action passes it.
+
+    >>> [action.kind for action in iter_actions("<search>a</search> <answer>b</answer> <search>c")]
+    ['search', 'answer']
+    """
+    tags = {"search": (SEARCH_OPEN, SEARCH_CLOSE), "answer": (ANSWER_OPEN, ANSWER_CLOSE)}
+    upcoming = {kind: _first_block(text, *tags[kind], 0) for kind in tags}
+    position = 0
+    while found := [block for block in upcoming.values() if block is not None]:
+        opened, closed, kind = min(found)
+        end = closed + len(tags[kind][1])
+        yield Action(kind, text[opened + len(tags[kind][0]):closed], end)  # type: ignore[arg-type]
+        position = end
+        for other, block in upcoming.items():
+            if block is not None and block[0] < position:
+                upcoming[other] = _next_block(text, *tags[other], position, block)
+
+
+def _next_block(text: str, opener: str, closer: str, start: int,
+                previous: tuple[int, int, str]) -> tuple[int, int, str] | None:
+    """The first block at or after ``start``, knowing the previous first block (its closer is reused)."""
+    opened = text.find(opener, start)
+    if opened < 0:
+        return None
+    if opened < previous[1]:  # the first closer after this opener is the one already found
+        return opened, previous[1], previous[2]
+    return _first_block(text, opener, closer, opened)
+
+
+def block_contents(text: str, opener: str, closer: str) -> list[str]:
+    """The contents of the non-overlapping ``opener...closer`` blocks, left to right (unclosed ones ignored).
+
+    What ``re.findall(opener + "(.*?)" + closer)`` returns, in linear time on any input.
+
+    >>> block_contents("<a>1</a> <a>2<a>3</a> <a>4", "<a>", "</a>")
+    ['1', '2<a>3']
+    """
+    contents, position = [], 0
+    while (block := _first_block(text, opener, closer, position)) is not None:
+        opened, closed, _ = block
+        contents.append(text[opened + len(opener):closed])
+        position = closed + len(closer)
+    return contents
 
 
 def stop_string_prefix(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str],
@@ -110,7 +176,7 @@ def _json_list(content: str) -> list[str] | None:
         return None
     try:
         value = json.loads(stripped)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # also deep nesting and integers past Python's digit limit
         return None
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value
@@ -352,7 +418,7 @@ def extract_answer(text: str) -> str | None:
     >>> extract_answer("<answer>Rome</answer><information><answer>x</answer></information><answer> Paris </answer>")
     'Paris'
     """
-    answers = _ANSWER.findall(strip_information(text))
+    answers = block_contents(strip_information(text), ANSWER_OPEN, ANSWER_CLOSE)
     return answers[-1].strip() if answers else None
 
 

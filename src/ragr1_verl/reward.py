@@ -43,8 +43,9 @@ import numpy as np
 from ragr1_verl.protocol import (
     INFORMATION_CLOSE,
     INFORMATION_OPEN,
+    block_contents,
     extract_answer,
-    parse_action,
+    iter_actions,
     strip_information,
 )
 
@@ -61,7 +62,6 @@ _VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _TAG = re.compile(r"<(/?)(think|search|answer|information)>")
-_INFORMATION_BODY = re.compile(f"{re.escape(INFORMATION_OPEN)}(.*?){re.escape(INFORMATION_CLOSE)}", re.DOTALL)
 # The protocol as a state machine over tag blocks: state -> {block tag: next state}.
 _PROTOCOL = {
     "start": {"think": "thought"},
@@ -203,18 +203,12 @@ def follows_protocol(response: str) -> bool:
 
 def count_searches(response: str) -> int:
     """How many complete ``<search>...</search>`` actions the model wrote outside ``<information>``."""
-    text, count = strip_information(response), 0
-    action = parse_action(text)
-    while action.kind != "invalid":
-        count += int(action.kind == "search")
-        text = text[action.end:]
-        action = parse_action(text)
-    return count
+    return sum(action.kind == "search" for action in iter_actions(strip_information(response)))
 
 
 def gold_retrieved(response: str, golds: Iterable[str]) -> bool:
     """Whether a normalised gold answer occurs in any retrieved ``<information>`` block."""
-    bodies = [normalize_answer(body) for body in _INFORMATION_BODY.findall(response)]
+    bodies = [normalize_answer(body) for body in block_contents(response, INFORMATION_OPEN, INFORMATION_CLOSE)]
     normalized_golds = [gold for gold in map(normalize_answer, golds) if gold]
     return any(gold in body for body in bodies for gold in normalized_golds)
 

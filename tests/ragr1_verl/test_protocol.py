@@ -1,5 +1,7 @@
 import doctest
 import json
+import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from ragr1_verl.protocol import (
     STOP_STRINGS,
     Action,
     QueryRules,
+    clean_queries,
     extract_answer,
     parse_action,
     render_observation,
@@ -21,6 +24,7 @@ from ragr1_verl.protocol import (
     retrieval_failed,
     split_queries,
     split_title,
+    strip_information,
     token_truncator,
 )
 
@@ -198,3 +202,82 @@ def test_unit_prefix_is_the_longest_prefix_whose_escaped_form_fits(unit, rendere
     if prefix != unit:
         assert len(json.dumps(unit[:len(prefix) + 1])) - 2 > rendered_chars
     assert protocol.unit_prefix(unit, rendered_chars, json_escaped=False) == unit[:rendered_chars]
+
+
+# Reference semantics: what the protocol's parsers meant before they were made linear (lazy regexes).
+_ACTION_REGEX = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+_ANSWER_REGEX = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_INFORMATION_REGEX = re.compile(r"<information>(.*?)</information>", re.DOTALL)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_TURNS, st.integers(min_value=0, max_value=40))
+def test_linear_parsers_agree_with_the_lazy_regexes(turn, start):
+    match = _ACTION_REGEX.search(turn, start)
+    action = parse_action(turn, start)
+    if match is None:
+        assert action.kind == "invalid"
+    else:
+        assert (action.kind, action.content, action.end) == (match.group(1), match.group(2), match.end())
+    answers = _ANSWER_REGEX.findall(strip_information(turn))
+    assert extract_answer(turn) == (answers[-1].strip() if answers else None)
+    assert protocol.block_contents(turn, "<information>", "</information>") == _INFORMATION_REGEX.findall(turn)
+    assert [(action.kind, action.content, action.end) for action in protocol.iter_actions(turn)] == [
+        (match.group(1), match.group(2), match.end()) for match in _ACTION_REGEX.finditer(turn)]
+
+
+_JSON_BOMBS = ["[" * 995 + "]" * 995, "[" + "1" * 4301 + "]", "[" + "[" * 100_000 + "]",
+               '["a", ' + "[" * 5000 + "]" * 5000 + "]", "[1e999999]"]
+
+
+@pytest.mark.parametrize("content", _JSON_BOMBS, ids=range(len(_JSON_BOMBS)))
+@pytest.mark.parametrize("mode", ["mq", "sq"])
+def test_split_queries_never_raises_on_json_bombs(content, mode):
+    rules = QueryRules(mode=mode)
+    # Not a JSON list of strings: the content is split on the separator like any other text.
+    assert split_queries(content, rules) == clean_queries(content.split(",") if mode == "mq" else [content], rules)
+
+
+_JSONISH = st.recursive(st.one_of(st.text(max_size=5), st.integers(), st.floats(allow_nan=True), st.booleans(),
+                                  st.none()),
+                        lambda children: st.lists(children, max_size=4), max_leaves=20).map(json.dumps)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_JSONISH, _TURNS), st.sampled_from(["mq", "sq"]))
+def test_split_queries_is_total(content, mode):
+    queries = split_queries(content, QueryRules(mode=mode))
+    assert (queries.error is None) == bool(queries.queries)
+
+
+_UNCLOSED = {
+    "search openers": lambda n: ("<search>" + "a" * 100) * (n // 108),
+    "answer openers": lambda n: "<answer>" * (n // 8),
+    "information openers": lambda n: "<information>x" * (n // 14),
+    "closed searches": lambda n: "<search>q</search>" * (n // 18),
+    "stray tags": lambda n: "<think>" * (n // 7),
+}
+
+
+def _best_seconds(function, text: str, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function(text)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize("shape", sorted(_UNCLOSED))
+def test_parsers_are_linear_on_hostile_turns(shape):
+    from ragr1_verl.reward import count_searches, follows_protocol
+
+    def parse_everything(text: str) -> None:
+        parse_action(text), extract_answer(text), split_queries(text), strip_information(text)
+        count_searches(text), follows_protocol(text)
+        protocol.block_contents(text, "<information>", "</information>")
+
+    small, large = _UNCLOSED[shape](64 * 1024), _UNCLOSED[shape](256 * 1024)
+    ratio = _best_seconds(parse_everything, large) / max(_best_seconds(parse_everything, small), 1e-6)
+    # 4x the input: about 4x the work when linear, 16x when quadratic; the margin absorbs a noisy machine.
+    assert ratio < 9, f"{shape}: 4x the input took {ratio:.1f}x the time"

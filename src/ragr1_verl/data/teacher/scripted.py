@@ -49,7 +49,6 @@ BRIDGE_ASKS_THE_QUESTION = False
 QUOTE_WORDS = (24, 14)
 
 _OBSERVATION = re.compile(r"\n<information>\n(.*?)\n</information>\n", re.DOTALL)
-_SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 
 # -- think templates (one list per situation; a question always picks the same entry of each list) ------------
 
@@ -177,7 +176,8 @@ def observation_documents(body: str, config: RagR1Config) -> list[str]:
 def searched_queries(trajectory: str, config: RagR1Config) -> list[tuple[str, ...]]:
     """The queries of each search the model wrote in a trajectory (observations left out)."""
     model_text = _OBSERVATION.sub(" ", trajectory)
-    return [protocol.split_queries(content, config.query_rules).queries for content in _SEARCH.findall(model_text)]
+    return [protocol.split_queries(content, config.query_rules).queries for content in
+            protocol.block_contents(model_text, protocol.SEARCH_OPEN, protocol.SEARCH_CLOSE)]
 
 
 def _state(partial: str, config: RagR1Config) -> _State:
