@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -31,9 +32,10 @@ def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Resp
 def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimits(), default_topk: int = 3,
                auth_token: str | None = None) -> Flask:
     """Build the app around a service (loaded, or loading in the background)."""
-    app = Flask("ragr1_retriever")
+    app = Flask("ragr1_retriever", static_folder=None)  # no /static route serving the working directory
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
     metrics = service.metrics
+    searching = threading.BoundedSemaphore(limits.max_concurrent_requests)
 
     @app.before_request
     def start_request():
@@ -52,7 +54,8 @@ def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimi
     @app.errorhandler(RequestError)
     def request_error(err: RequestError):
         metrics.errors.labels(err.kind).inc()
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {"Retry-After": "1"} if (
+            err.status == 503) else None
         return _json({"error": err.message}, err.status, headers)
 
     @app.errorhandler(HTTPException)
@@ -73,14 +76,23 @@ def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimi
         parsed = parse_retrieve_request(request.get_data(cache=False), limits, default_topk)
         if not service.ready:
             raise RequestError(503, f"the index is not ready ({service.state})", "not_ready")
-        metrics.queries.inc(len(parsed.queries))
+        if not searching.acquire(blocking=False):
+            raise RequestError(503, f"the retriever is overloaded: {limits.max_concurrent_requests} requests are "
+                               "searching already; retry shortly", "overloaded")
         try:
+            metrics.queries.inc(len(parsed.queries))
             documents, scores = service.search(parsed.queries, parsed.topk)
         except FutureTimeout:
             raise RequestError(503, "the retriever is overloaded: the request timed out", "timeout") from None
         except BatcherStopped as err:
             raise RequestError(503, str(err), "shutting_down") from None
-        return _json(format_results(documents, scores, parsed.return_scores))
+        finally:
+            searching.release()
+        body = json.dumps(format_results(documents, scores, parsed.return_scores))
+        if len(body) > limits.max_response_bytes:  # the JSON is ASCII: characters are bytes
+            raise RequestError(413, f"the response would be {len(body)} bytes; the limit is "
+                               f"{limits.max_response_bytes}: send fewer queries or a smaller topk", "response_too_large")
+        return Response(body, mimetype="application/json")
 
     @app.get("/health")
     def health():

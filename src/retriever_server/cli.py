@@ -15,7 +15,7 @@ import requests
 
 from retriever_server.app import create_app
 from retriever_server.batcher import BatchingConfig
-from retriever_server.http_server import WaitressServer
+from retriever_server.http_server import ServingLimits, WaitressServer
 from retriever_server.service import SEARCH_BACKENDS, LoadOptions, RetrievalService
 from retriever_server.wire import RequestLimits
 
@@ -32,7 +32,14 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one and logs it)")
     serve.add_argument("--topk", type=int, default=3, help="documents per query when a request gives no topk")
     serve.add_argument("--auth-token", default=None, help=f"require this bearer token (default: ${TOKEN_ENV})")
-    serve.add_argument("--threads", type=int, default=64, help="HTTP worker threads")
+    serve.add_argument("--threads", type=int, default=128, help="HTTP worker threads")
+    serve.add_argument("--max-concurrent-requests", type=int, default=120,
+                       help="/retrieve requests searching at once (below --threads); more are answered 503")
+    serve.add_argument("--connection-limit", type=int, default=0,
+                       help="open connections at most (0: what the descriptor limit allows, up to 10,000)")
+    serve.add_argument("--request-read-timeout", type=float, default=15.0,
+                       help="seconds a request may take to arrive whole; slower connections are closed")
+    serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds an idle keep-alive connection is kept")
     serve.add_argument("--max-batch-queries", type=int, default=512, help="most distinct queries per batch")
     serve.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait for a batch to fill")
     serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a queued request fails")
@@ -40,7 +47,9 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-queries-per-request", type=int, default=512)
     serve.add_argument("--max-query-chars", type=int, default=2048)
     serve.add_argument("--max-topk", type=int, default=100)
+    serve.add_argument("--max-results-per-request", type=int, default=5120, help="queries x topk of one request")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--max-response-bytes", type=int, default=8 * 1024 * 1024)
     serve.add_argument("--encoder", default=None, help="encoder override (must match the manifest's)")
     serve.add_argument("--encoder-device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     serve.add_argument("--encoder-batch-size", type=int, default=128)
@@ -94,14 +103,21 @@ def _stop_serving(*_) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     limits = RequestLimits(max_queries_per_request=args.max_queries_per_request, max_query_chars=args.max_query_chars,
-                           max_topk=args.max_topk, max_body_bytes=args.max_body_bytes)
+                           max_topk=args.max_topk, max_results_per_request=args.max_results_per_request,
+                           max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
+                           max_concurrent_requests=args.max_concurrent_requests)
     if not 1 <= args.topk <= limits.max_topk:
         raise SystemExit(f"error: --topk must be between 1 and --max-topk ({limits.max_topk})")
+    if not 1 <= args.max_concurrent_requests < args.threads:
+        raise SystemExit("error: --max-concurrent-requests must be at least 1 and below --threads, so that threads "
+                         "stay free to answer health checks and 503s")
+    serving_limits = ServingLimits(threads=args.threads, connection_limit=args.connection_limit,
+                                   request_read_timeout_s=args.request_read_timeout, idle_timeout_s=args.idle_timeout)
     service = build_service(args)
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
     app = create_app(service, limits=limits, default_topk=args.topk, auth_token=token)
-    server = WaitressServer(app, host=args.host, port=args.port, threads=args.threads,
-                            max_body_bytes=limits.max_body_bytes)
+    server = WaitressServer(app, host=args.host, port=args.port, max_body_bytes=limits.max_body_bytes,
+                            limits=serving_limits)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can query it", args.host)
     # Loading a large index takes minutes; /health answers (ready: false) meanwhile. A failed load ends serve.

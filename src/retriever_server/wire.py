@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Caps on one request (CLI: ``--max-queries-per-request``, ``--max-query-chars``, ``--max-topk``,
-    ``--max-body-bytes``)."""
+    """Caps on one request and on the work in flight (CLI: ``--max-queries-per-request``, ``--max-query-chars``,
+    ``--max-topk``, ``--max-results-per-request``, ``--max-body-bytes``, ``--max-response-bytes``,
+    ``--max-concurrent-requests``)."""
 
     max_queries_per_request: int = 512
     max_query_chars: int = 2048
     max_topk: int = 100
+    max_results_per_request: int = 5120  # queries x topk: 512 queries at topk 10
     max_body_bytes: int = 4 * 1024 * 1024
+    max_response_bytes: int = 8 * 1024 * 1024
+    max_concurrent_requests: int = 120  # /retrieve requests searching at once; more are answered 503
 
 
 class RequestError(ValueError):
@@ -43,12 +47,18 @@ def parse_retrieve_request(body: bytes, limits: RequestLimits, default_topk: int
     """Validate a ``/retrieve`` body; raise :class:`RequestError` saying exactly what is wrong."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply", "malformed_json") from None
+    except ValueError as err:  # malformed JSON or text, or an integer past Python's digit limit
         raise RequestError(400, f"request body is not valid JSON: {err}", "malformed_json") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "request body must be a JSON object with a 'queries' list", "malformed_json")
     queries = _parse_queries(payload.get("queries"), limits)
     topk = _parse_topk(payload.get("topk"), limits, default_topk)
+    if len(queries) * topk > limits.max_results_per_request:
+        raise RequestError(413, f"{len(queries)} queries x topk {topk} = {len(queries) * topk} results; the limit "
+                           f"is {limits.max_results_per_request} a request: send fewer queries or a smaller topk",
+                           "too_many_results")
     return_scores = payload.get("return_scores", False)
     if not isinstance(return_scores, bool):
         raise RequestError(400, "'return_scores' must be true or false", "bad_field")
