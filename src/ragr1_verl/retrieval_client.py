@@ -33,6 +33,7 @@ import random
 import threading
 import time
 import weakref
+from urllib.parse import urljoin
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -57,6 +58,11 @@ class RetrieverSettings:
     urls: tuple[str, ...]
     token: str | None = None
     timeout_s: float = 30.0
+    connect_timeout_s: float = 2.0
+    probe_after_s: float = 2.0
+    probe_timeout_s: float = 2.0
+    breaker_cooldown_s: float = 1.0
+    breaker_max_cooldown_s: float = 30.0
     max_retries: int = 3
     backoff_base_s: float = 0.5
     backoff_max_s: float = 8.0
@@ -70,8 +76,10 @@ class RetrieverSettings:
         if not urls or not all(isinstance(url, str) and url.startswith(("http://", "https://"))
                                for url in urls):
             raise ValueError(f"retriever urls must be one or more http(s) URLs, got {self.urls!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        for name in ("timeout_s", "connect_timeout_s", "probe_after_s", "probe_timeout_s", "breaker_cooldown_s",
+                     "breaker_max_cooldown_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0 or self.backoff_base_s < 0 or self.backoff_max_s < 0:
             raise ValueError("max_retries, backoff_base_s and backoff_max_s must not be negative")
         if self.max_concurrent_requests < 1 or self.max_queries_per_request < 1:
@@ -114,6 +122,29 @@ class ClientStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass
+class UrlHealth:
+    """What the client knows of one retriever URL: attempts sent, failed ones, and its circuit breaker.
+
+    After a failure (no connection, a timeout, a 5xx, a failed health probe) the breaker opens: the URL is
+    skipped while another is closed, for a cooldown that doubles with each consecutive failure. A success
+    closes it.
+    """
+
+    attempts: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    open_until: float = 0.0  # time.monotonic()
+    last_error: str = ""
+
+    def is_open(self, now: float) -> bool:
+        return now < self.open_until
+
+    def as_dict(self) -> dict[str, int | str | bool]:
+        return {"attempts": self.attempts, "failures": self.failures, "open": self.is_open(time.monotonic()),
+                "last_error": self.last_error}
 
 
 class _BadResponse(ValueError):
@@ -174,6 +205,8 @@ class RetrievalClient:
         self.settings = settings
         self.stats = ClientStats()
         self._preferred = 0
+        self.health = {url: UrlHealth() for url in settings.urls}
+        self._probes: dict[str, asyncio.Task] = {}
         self._request_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -204,7 +237,8 @@ class RetrievalClient:
             self._flush_handle = None
         pending, self._pending = self._pending, []
         self._fail(pending, "retrieval client closed")
-        tasks = list(self._tasks)
+        tasks = list(self._tasks) + list(self._probes.values())
+        self._probes = {}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -239,7 +273,7 @@ class RetrievalClient:
         # The old loop is closed, so its session, timers and waiters are dead: start over on this one.
         self._loop, self._session, self._flush_handle = loop, None, None
         self._semaphore = asyncio.Semaphore(self.settings.max_concurrent_requests)
-        self._pending, self._tasks = [], set()
+        self._pending, self._tasks, self._probes = [], set(), {}
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -289,9 +323,10 @@ class RetrievalClient:
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempt - 1))
-            url_index = self._preferred
+            url_index = self._choose_url()
             attempts += 1
             reply = await self._attempt(url_index, queries, topk)
+            self._record(url_index, reply)
             if reply.documents is not None:
                 return _Outcome(dict(zip(queries, reply.documents, strict=True)), attempts=attempts)
             if reply.failover:
@@ -309,6 +344,32 @@ class RetrievalClient:
         # Full jitter: retries of many trajectories that failed together spread out instead of colliding.
         return random.uniform(0, ceiling)
 
+    def _choose_url(self) -> int:
+        """The preferred URL, unless its breaker is open and another URL's is closed."""
+        now, count = time.monotonic(), len(self.settings.urls)
+        for offset in range(count):
+            index = (self._preferred + offset) % count
+            if not self.health[self.settings.urls[index]].is_open(now):
+                return index
+        return self._preferred
+
+    def _record(self, url_index: int, reply: _Reply) -> None:
+        health = self.health[self.settings.urls[url_index]]
+        health.attempts += 1
+        if not reply.failover:  # answered (even with a client error): the URL is alive
+            health.consecutive_failures, health.open_until = 0, 0.0
+            return
+        health.failures += 1
+        health.consecutive_failures += 1
+        health.last_error = reply.error
+        cooldown = min(self.settings.breaker_max_cooldown_s,
+                       self.settings.breaker_cooldown_s * 2 ** (health.consecutive_failures - 1))
+        health.open_until = time.monotonic() + cooldown
+
+    def url_health(self) -> dict[str, dict[str, int | str | bool]]:
+        """Per retriever URL: attempts, failures, whether its breaker is open, and the last error."""
+        return {url: health.as_dict() for url, health in self.health.items()}
+
     def _fail_over(self, url_index: int, reason: str) -> None:
         urls = self.settings.urls
         # Concurrent requests that failed on the same URL must move the preference once, not once each.
@@ -321,23 +382,54 @@ class RetrievalClient:
 
     async def _attempt(self, url_index: int, queries: list[str], topk: int) -> _Reply:
         url = self.settings.urls[url_index]
-        payload = {"queries": queries, "topk": topk, "return_scores": False}
+        async with self._semaphore:
+            self.stats.http_requests += 1
+            post = asyncio.ensure_future(self._post(url, {"queries": queries, "topk": topk, "return_scores": False}))
+            try:
+                done, _ = await asyncio.wait({post}, timeout=self.settings.probe_after_s)
+                # A slow answer is normal under load, but a URL that accepts connections and never answers
+                # would hold every search for the whole timeout: its /health, which a live server answers
+                # at once, tells the two apart.
+                if not done and not await self._alive(url):
+                    post.cancel()
+                    return _Reply(error=f"{url} is not answering: its health check got no answer within "
+                                        f"{self.settings.probe_timeout_s:g}s", retry=True, failover=True)
+                return await post
+            finally:
+                if not post.done():
+                    post.cancel()
+
+    async def _post(self, url: str, payload: dict) -> _Reply:
         try:
-            async with self._semaphore:
-                self.stats.http_requests += 1
-                async with self._http().post(url, json=payload) as response:
-                    status, body = response.status, await response.read()
+            async with self._http().post(url, json=payload) as response:
+                status, body = response.status, await response.read()
         except asyncio.TimeoutError:
             return _Reply(error=f"timed out after {self.settings.timeout_s:g}s", retry=True, failover=True)
         except aiohttp.ClientError as err:
             return _Reply(error=f"{type(err).__name__}: {err}", retry=True, failover=True)
-        return _interpret(status, body, len(queries))
+        return _interpret(status, body, len(payload["queries"]))
+
+    async def _alive(self, url: str) -> bool:
+        """Whether the server behind ``url`` answers ``GET /health`` (any status) quickly; one probe at a time."""
+        probe = self._probes.get(url)
+        if probe is None or probe.done():
+            probe = self._probes[url] = asyncio.ensure_future(self._probe(url))
+        return await asyncio.shield(probe)
+
+    async def _probe(self, url: str) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
+        try:
+            async with self._http().get(urljoin(url, "health"), timeout=timeout) as response:
+                await response.read()
+            return True
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            return False
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else None
             connector = aiohttp.TCPConnector(limit=self.settings.max_concurrent_requests, ttl_dns_cache=300)
-            timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+            timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s, sock_connect=self.settings.connect_timeout_s)
             self._session = aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
         return self._session
 
