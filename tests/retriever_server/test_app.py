@@ -120,6 +120,14 @@ BAD_REQUESTS = [
      "application/json"),
     ("oversized body", {"data": b'{"queries": ["' + b"a" * (5 * 1024 * 1024) + b'"]}',
                         "headers": {"Content-Type": "application/json"}}, 413, "Too Large"),
+    ("nesting bomb", {"data": b"[" * 1000 + b"]" * 1000, "headers": {"Content-Type": "application/json"}}, 400,
+     "nested too deeply"),
+    ("nesting bomb in a field", {"data": b'{"queries": ["q"], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                 "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    ("huge integer", {"data": b'{"queries": ["q"], "topk": ' + b"1" * 4301 + b"}",
+                      "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ("amplification", {"json": {"queries": [f"q{i}" for i in range(512)], "topk": 100}}, 413,
+     "512 queries x topk 100"),
 ]
 
 
