@@ -345,13 +345,18 @@ class RetrievalClient:
         return random.uniform(0, ceiling)
 
     def _choose_url(self) -> int:
-        """The preferred URL, unless its breaker is open and another URL's is closed."""
-        now, count = time.monotonic(), len(self.settings.urls)
-        for offset in range(count):
-            index = (self._preferred + offset) % count
-            if not self.health[self.settings.urls[index]].is_open(now):
+        """The preferred URL, unless its breaker is open and another URL's is closed.
+
+        With every breaker open, the URL with the fewest consecutive failures, and among those the one whose
+        cooldown ends first, is tried.
+        """
+        now, urls = time.monotonic(), self.settings.urls
+        order = [(self._preferred + offset) % len(urls) for offset in range(len(urls))]
+        for index in order:
+            if not self.health[urls[index]].is_open(now):
                 return index
-        return self._preferred
+        return min(order, key=lambda index: (self.health[urls[index]].consecutive_failures,
+                                             self.health[urls[index]].open_until))
 
     def _record(self, url_index: int, reply: _Reply) -> None:
         health = self.health[self.settings.urls[url_index]]

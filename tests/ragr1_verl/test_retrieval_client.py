@@ -400,3 +400,55 @@ async def test_against_the_real_retriever_server(real_server, make_client):
     assert architect.documents[0] == opera.documents[1]
     assert too_long.error == "retriever answered 400: queries[0] has 3000 characters; the limit is 2048"
     assert client.stats.http_requests == 4
+
+
+@pytest.fixture
+def blackhole_url():
+    """A port that accepts connections (the kernel completes the handshake) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/retrieve"
+
+
+_QUICK_PROBE = {"timeout_s": 60.0, "probe_after_s": 0.3, "probe_timeout_s": 0.3}
+
+
+@pytest.mark.asyncio
+async def test_a_blackholed_url_is_left_after_its_health_probe(blackhole_url, fake, make_client):
+    client = make_client((blackhole_url, fake.url), breaker_cooldown_s=30.0, **_QUICK_PROBE)
+    first = await client.search(["a"], 1)
+    # Without the probe, the attempt would have waited for the 60 s timeout.
+    assert first.ok and first.attempts == 2 and first.elapsed_ms < 10_000
+    health = client.url_health()
+    assert health[blackhole_url]["open"] and health[blackhole_url]["failures"] == 1
+    assert "not answering" in health[blackhole_url]["last_error"]
+    assert health[fake.url] == {"attempts": 1, "failures": 0, "open": False, "last_error": ""}
+    for query in ("b", "c"):
+        assert (await client.search([query], 1)).attempts == 1
+    assert client.url_health()[blackhole_url]["attempts"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_blackholed_only_url_fails_in_seconds(blackhole_url, make_client):
+    client = make_client(blackhole_url, max_retries=1, **_QUICK_PROBE)
+    result = await client.search(["a"], 1)
+    assert not result.ok and result.attempts == 2 and "not answering" in result.error
+    assert result.elapsed_ms < 10_000
+
+
+@pytest.mark.asyncio
+async def test_an_open_breaker_keeps_failover_off_a_url_that_keeps_failing(start_fake, make_client):
+    down, flaky = await start_fake(), await start_fake()
+    down.statuses, flaky.statuses = [503] * 10, [503]
+    client = make_client((down.url, flaky.url), breaker_cooldown_s=30.0)
+    # down, flaky, down again (both breakers open: down had failed first), then flaky, which recovered.
+    first = await client.search(["a"], 1)
+    assert first.ok and first.attempts == 4 and len(down.bodies) == 2
+    flaky.statuses = [503]
+    # flaky fails once more: failover points at down, whose breaker is open after more failures, so flaky
+    # is retried at once.
+    second = await client.search(["b"], 1)
+    assert second.ok and second.attempts == 2 and len(down.bodies) == 2
+    assert flaky.queries_sent == [["a"], ["a"], ["b"], ["b"]]
+    assert client.url_health()[down.url]["open"] and not client.url_health()[flaky.url]["open"]
