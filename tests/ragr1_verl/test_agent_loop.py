@@ -70,6 +70,19 @@ def test_duplicates_removed_and_queries_capped(tiny_model_dir, retriever):
     assert row.extra["ragr1/queries_dropped"] == 1
 
 
+def test_json_bombs_in_a_search_never_kill_the_trajectory(tiny_model_dir, retriever):
+    # A JSON-looking search that Python's parser refuses (nesting, digit limit) is split like plain text.
+    turns = ["<search>" + "[" * 995 + "]" * 995 + "</search>", "<search>[" + "1" * 4301 + "]</search>", ANSWER]
+    _, llm, [row] = rollout(tiny_model_dir, retriever, turns, ragr1=settings(retriever, max_tokens_per_turn=8192),
+                            response_length=16384)
+
+    assert len(llm.calls) == 3 and row.extra["ragr1/answered"]
+    # Both were searched as one plain-text query (the second is over the server's query length: its search
+    # failed, and the failure was an observation).
+    assert row.extra["ragr1/searches"] == 2
+    assert [request["queries"] for request in retriever.requests][0] == ["[" * 995 + "]" * 995]
+
+
 def test_over_cap_can_make_the_search_invalid(tiny_model_dir, retriever):
     turns = ["<search> a, b, c, d </search>", ANSWER]
     tokenizer, _, [row] = rollout(tiny_model_dir, retriever, turns,
