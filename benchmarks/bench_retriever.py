@@ -475,7 +475,7 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
     """Load the service, measure the raw limit, serve over HTTP and run every cell."""
     from retriever_server.app import create_app
     from retriever_server.batcher import BatchingConfig
-    from retriever_server.http_server import WaitressServer
+    from retriever_server.http_server import ServingLimits, WaitressServer
     from retriever_server.service import LoadOptions, RetrievalService
 
     options = LoadOptions(omp_threads=args.omp_threads, torch_threads=args.torch_threads,
@@ -490,7 +490,8 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
         raw = measure_raw_limit(service.batcher.retriever, stream, args.raw_batches, args.raw_seconds,
                                 args.topk)
         print_raw(raw)
-        server = WaitressServer(create_app(service), host="127.0.0.1", port=0, threads=args.http_threads)
+        server = WaitressServer(create_app(service), host="127.0.0.1", port=0,
+                                limits=ServingLimits(threads=args.http_threads))
         server.start_in_thread()
         print(f"serving on {server.url}; {len(args.concurrency) * len(args.queries_per_request)} cells of "
               f"{args.warmup:g} s warm-up + {args.seconds:g} s", flush=True)
@@ -631,7 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server = parser.add_argument_group("server (BatchingConfig / LoadOptions)")
     server.add_argument("--max-wait-ms", type=float, default=1.0, help="batcher wait for more requests")
     server.add_argument("--max-batch-queries", type=int, default=512, help="most queries in one batch")
-    server.add_argument("--http-threads", type=int, default=64, help="waitress worker threads")
+    server.add_argument("--http-threads", type=int, default=128, help="waitress worker threads")
     server.add_argument("--omp-threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
     server.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
     server.add_argument("--encoder-batch-size", type=int, default=128, help="encoder forward-pass batch")
