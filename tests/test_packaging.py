@@ -108,6 +108,14 @@ def test_the_metadata_never_pulls_a_verl_backend_extra(wheel, names):
     assert verl and all("[verl-core]" in r for r in verl), verl  # vllm/sglang/fsdp extras pin a CUDA torch
 
 
+def test_a_retriever_host_never_installs_verl_or_ray(wheel, names):
+    metadata = dist_info_file(wheel, names, "METADATA").splitlines()
+    requires = [line.split(":", 1)[1].strip() for line in metadata if line.startswith("Requires-Dist:")]
+    for extra in ("retriever", "retriever-gpu"):
+        pulled = [r for r in requires if "extra ==" not in r or f'extra == "{extra}"' in r]
+        assert pulled and not [r for r in pulled if r.lower().startswith(("verl", "ray", "transferqueue"))], pulled
+
+
 # Runs with the wheel's install folder in place of the editable src/ on sys.path, and with verl reached
 # through that folder too (as in one site-packages), from a directory that is not the repository.
 FROM_THE_WHEEL = """
