@@ -30,11 +30,13 @@ class ManifestError(RuntimeError):
 
 @dataclass
 class Manifest:
-    kind: str  # "dense" or "bm25"
+    kind: str  # "dense", "bm25", or "sharded" (a folder of shard folders, each a dense or BM25 index)
     corpus: dict
     index: dict
     encoder: dict | None = None
     files: dict[str, dict] = field(default_factory=dict)
+    shard: dict | None = None  # in a shard's folder: {number, of, start, count}
+    shards: list[dict] | None = None  # in a sharded folder: [{dir, number, start, count}, ...]
     format_version: int = FORMAT_VERSION
     created_at: str = ""
     builder: str = ""
