@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from retriever_server.batcher import BatcherStopped
 from retriever_server.service import RetrievalService
+from retriever_server.sharded import ShardUnavailable
 from retriever_server.wire import RequestError, RequestLimits, format_results, parse_retrieve_request
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimi
             raise RequestError(503, "the retriever is overloaded: the request timed out", "timeout") from None
         except BatcherStopped as err:
             raise RequestError(503, str(err), "shutting_down") from None
+        except ShardUnavailable as err:  # never a partial top-k presented as complete
+            raise RequestError(503, str(err), "shard_unavailable") from None
         finally:
             searching.release()
         body = json.dumps(format_results(documents, scores, parsed.return_scores))

@@ -49,19 +49,15 @@ class EmbeddingCache:
         return len(self._entries)
 
 
-class DenseRetriever:
-    """Encoder + vector searcher, with an LRU cache of query embeddings."""
+class QueryEmbedder:
+    """Query strings to vectors through the encoder, with an LRU cache of query embeddings."""
 
-    def __init__(self, encoder: TextEncoder, searcher, metrics: ServerMetrics, cache_size: int):
+    def __init__(self, encoder: TextEncoder, metrics: ServerMetrics, cache_size: int):
         self.encoder = encoder
-        self.searcher = searcher
         self.metrics = metrics
         self.cache = EmbeddingCache(cache_size)
-        self.ntotal = searcher.ntotal
-        self.description = {"encoder": encoder.spec.name, "encoder_device": str(encoder.device),
-                            "search_device": searcher.device, "searcher": type(searcher).__name__}
 
-    def embed(self, queries: list[str]) -> np.ndarray:
+    def __call__(self, queries: list[str]) -> np.ndarray:
         vectors: list[np.ndarray | None] = [self.cache.get(q) for q in queries]
         missing = [i for i, v in enumerate(vectors) if v is None]
         self.metrics.cache_hits.inc(len(queries) - len(missing))
@@ -74,6 +70,20 @@ class DenseRetriever:
                 vectors[i] = vector
                 self.cache.put(queries[i], vector)
         return np.stack(vectors).astype(np.float32, copy=False)
+
+
+class DenseRetriever:
+    """Encoder + vector searcher, with an LRU cache of query embeddings."""
+
+    def __init__(self, encoder: TextEncoder, searcher, metrics: ServerMetrics, cache_size: int):
+        self.encoder = encoder
+        self.searcher = searcher
+        self.metrics = metrics
+        self.embed = QueryEmbedder(encoder, metrics, cache_size)
+        self.cache = self.embed.cache
+        self.ntotal = searcher.ntotal
+        self.description = {"encoder": encoder.spec.name, "encoder_device": str(encoder.device),
+                            "search_device": searcher.device, "searcher": type(searcher).__name__}
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.embed(queries)

@@ -63,6 +63,18 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
     serve.add_argument("--corpus", default=None, help="a corpus.arrow to use instead of the index folder's")
     serve.add_argument("--verify-checksums", action="store_true", help="sha256 every index file before serving")
+    ray = serve.add_argument_group("Ray Serve (a sharded index from `ragr1-index shard` or `build --num-shards`)")
+    ray.add_argument("--ray", action="store_true", help="run the index shards as Ray Serve deployments")
+    ray.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto': the one this node is in; "
+                                                         "default: start a local Ray)")
+    ray.add_argument("--shard-device", choices=("cpu", "cuda"), default="cpu", help="where each shard replica searches")
+    ray.add_argument("--shard-replicas", type=int, default=1, help="replicas of every shard")
+    ray.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs Ray reserves for each shard replica")
+    ray.add_argument("--encoder-replicas", type=int, default=0,
+                     help="query-encoder replicas on Ray (0: encode in this process)")
+    ray.add_argument("--encoder-replica-device", default="cpu", help="device of each encoder replica")
+    ray.add_argument("--shard-timeout", type=float, default=30.0,
+                     help="seconds a shard may take to answer before the search is a 503")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -91,10 +103,24 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
                           search_devices=tuple(d for d in args.search_devices.split(",") if d),
                           omp_threads=args.omp_threads, torch_threads=args.torch_threads, nprobe=args.nprobe,
                           ef_search=args.ef_search, corpus=args.corpus, verify_checksums=args.verify_checksums,
-                          cache_size=args.cache_size)
+                          cache_size=args.cache_size, ray=_ray_placement(args))
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
                               request_timeout_s=args.request_timeout)
     return RetrievalService(index_dir, options, batching)
+
+
+def _ray_placement(args: argparse.Namespace):
+    if not args.ray:
+        return None
+    from retriever_server.ray_serve import RayPlacement
+
+    try:
+        return RayPlacement(address=args.ray_address, shard_device=args.shard_device,
+                            shard_replicas=args.shard_replicas, shard_cpus=args.shard_cpus,
+                            encoder_replicas=args.encoder_replicas, encoder_device=args.encoder_replica_device,
+                            call_timeout_s=args.shard_timeout)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def _stop_serving(*_) -> None:

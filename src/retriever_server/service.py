@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from retriever_server.backends import DenseRetriever, LexicalRetriever, Retriever
+from retriever_server.backends import DenseRetriever, LexicalRetriever, QueryEmbedder, Retriever
 from retriever_server.batcher import BatchingConfig, DynamicBatcher
 from retriever_server.bm25 import Bm25Searcher
 from retriever_server.corpus import CORPUS_NAME, Corpus
@@ -19,6 +20,8 @@ from retriever_server.encoders import EncoderSpec, TextEncoder
 from retriever_server.manifest import Manifest, ManifestError, PROBE_SENTENCE, check_corpus, check_encoder, \
     check_files
 from retriever_server.metrics import ServerMetrics
+from retriever_server.sharded import LocalShard, ShardedCorpus, ShardedRetriever
+from retriever_server.sharding import read_shards
 
 logger = logging.getLogger(__name__)
 SEARCH_BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
@@ -40,6 +43,7 @@ class LoadOptions:
     corpus: str | None = None  # default: corpus.arrow in the index folder
     verify_checksums: bool = False
     cache_size: int = 100_000
+    ray: object = None  # a retriever_server.ray_serve.RayPlacement: serve a sharded index's shards on Ray
 
 
 class RetrievalService:
@@ -66,12 +70,16 @@ class RetrievalService:
         """Check the manifest, load corpus, encoder and index, and start the batcher. Raises on mismatch."""
         try:
             manifest = Manifest.read(self.index_dir)
-            check_files(manifest, self.index_dir, checksums=self.options.verify_checksums)
-            corpus_path = Path(self.options.corpus) if self.options.corpus else self.index_dir / CORPUS_NAME
-            corpus = Corpus(corpus_path)
-            check_corpus(manifest, corpus_path, len(corpus))
             _set_thread_counts(self.options)
-            retriever = self._load_retriever(manifest)
+            if manifest.kind == "sharded":
+                retriever = self._load_sharded(manifest)
+                corpus = ShardedCorpus(manifest.corpus["count"], retriever.cache)
+            else:
+                check_files(manifest, self.index_dir, checksums=self.options.verify_checksums)
+                corpus_path = Path(self.options.corpus) if self.options.corpus else self.index_dir / CORPUS_NAME
+                corpus = Corpus(corpus_path)
+                check_corpus(manifest, corpus_path, len(corpus))
+                retriever = self._load_retriever(manifest)
         except Exception as err:
             self.state, self.error = "failed", str(err)
             raise
@@ -96,32 +104,48 @@ class RetrievalService:
     def _load_retriever(self, manifest: Manifest) -> Retriever:
         if manifest.kind == "bm25":
             return LexicalRetriever(Bm25Searcher(self.index_dir, manifest.index), self.metrics)
-        spec = EncoderSpec.from_dict(manifest.encoder["spec"])
-        if self.options.encoder:
-            spec = EncoderSpec.from_dict({**spec.to_dict(), "name": self.options.encoder})
-        encoder = TextEncoder(spec, device=self.options.encoder_device, batch_size=self.options.encoder_batch_size)
-        check_encoder(manifest, spec.name, encoder.fingerprint, encoder.encode_queries([PROBE_SENTENCE])[0])
-        searcher = self._load_searcher(manifest)
+        encoder = self._load_encoder(manifest)
+        searcher = load_searcher(self.index_dir, manifest, self.options)
         if searcher.ntotal != manifest.corpus["count"]:
             raise ManifestError(f"the index holds {searcher.ntotal} vectors but the corpus has "
                                 f"{manifest.corpus['count']} passages")
         return DenseRetriever(encoder, searcher, self.metrics, self.options.cache_size)
 
-    def _load_searcher(self, manifest: Manifest):
-        backend = self.options.search_backend
-        exact = manifest.index["type"] in EXACT_INDEX_TYPES
-        if backend == "auto":
-            backend = "torch" if exact and cuda_devices() else "faiss-gpu" if faiss_gpu_available() else "faiss"
-        if backend == "torch":
-            if not exact:
-                raise ManifestError(f"the torch backend does exact search; this index is {manifest.index['type']}")
-            devices = list(self.options.search_devices) or cuda_devices() or ["cpu"]
-            return TorchExactSearcher.load(self.index_dir, devices)
-        if backend == "faiss-gpu" and not faiss_gpu_available():
-            raise ManifestError("--search-backend faiss-gpu needs faiss-gpu and a visible GPU")
-        omp_threads = self.options.omp_threads or os.cpu_count() or 1
-        return FaissSearcher.load(self.index_dir, use_gpu=backend == "faiss-gpu", omp_threads=omp_threads,
-                                  nprobe=self.options.nprobe, ef_search=self.options.ef_search)
+    def _load_encoder(self, manifest: Manifest) -> TextEncoder:
+        spec = EncoderSpec.from_dict(manifest.encoder["spec"])
+        if self.options.encoder:
+            spec = EncoderSpec.from_dict({**spec.to_dict(), "name": self.options.encoder})
+        encoder = TextEncoder(spec, device=self.options.encoder_device, batch_size=self.options.encoder_batch_size)
+        check_encoder(manifest, spec.name, encoder.fingerprint, encoder.encode_queries([PROBE_SENTENCE])[0])
+        return encoder
+
+    def _load_sharded(self, manifest: Manifest) -> ShardedRetriever:
+        """Every shard loaded and checked on its own, in this process or as Ray Serve deployments."""
+        infos = read_shards(self.index_dir)
+        dense = manifest.index["kind"] == "dense"
+        status = on_close = encoder = None
+        if self.options.ray is not None:
+            from retriever_server import ray_serve
+
+            shards, encoder, deployments, where = ray_serve.deploy_shards(self.index_dir, manifest, infos,
+                                                                          self.options, self.metrics)
+            status, on_close = deployments.snapshot, functools.partial(ray_serve.shutdown, deployments)
+            if encoder is not None:
+                check_encoder(manifest, encoder.spec.name, encoder.fingerprint,
+                              encoder.encode_queries([PROBE_SENTENCE])[0])
+        else:
+            loader = functools.partial(load_searcher, options=self.options)
+            shards = [LocalShard(self.index_dir / info.dir, info, loader, checksums=self.options.verify_checksums)
+                      for info in infos]
+            where = "this process"
+        if dense:
+            embed = QueryEmbedder(encoder or self._load_encoder(manifest), self.metrics, self.options.cache_size)
+        else:
+            embed = None
+        description = {"encoder": (manifest.encoder or {}).get("spec", {}).get("name"), "searcher": "sharded",
+                       "shards_on": where}
+        return ShardedRetriever(shards, manifest.corpus["count"], self.metrics, embed, description, status,
+                                on_close)
 
     def search(self, queries: list[str], k: int) -> tuple[list[list[dict]], list[list[float]]]:
         """Documents and scores per query, through the batcher."""
@@ -144,12 +168,41 @@ class RetrievalService:
             "encoder": (manifest.encoder or {}).get("spec", {}).get("name") if manifest else None,
             "backend": self.batcher.retriever.description if self.batcher else None,
             "index_dir": str(self.index_dir),
+            "shards": _shard_status(self.batcher.retriever) if self.batcher else None,
             "uptime_s": round(time.time() - self.started, 3),
         }
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+            close = getattr(self.batcher.retriever, "close", None)
+            if close is not None:
+                close()
+
+
+def _shard_status(retriever) -> dict[str, str] | None:
+    status = getattr(retriever, "status", None)
+    return status() if callable(status) else None
+
+
+def load_searcher(index_dir: Path, manifest: Manifest, options: LoadOptions):
+    """The searcher of one (unsharded) index folder, on the backend the options choose."""
+    if manifest.kind == "bm25":
+        return Bm25Searcher(index_dir, manifest.index)
+    backend = options.search_backend
+    exact = manifest.index["type"] in EXACT_INDEX_TYPES
+    if backend == "auto":
+        backend = "torch" if exact and cuda_devices() else "faiss-gpu" if faiss_gpu_available() else "faiss"
+    if backend == "torch":
+        if not exact:
+            raise ManifestError(f"the torch backend does exact search; this index is {manifest.index['type']}")
+        devices = list(options.search_devices) or cuda_devices() or ["cpu"]
+        return TorchExactSearcher.load(index_dir, devices)
+    if backend == "faiss-gpu" and not faiss_gpu_available():
+        raise ManifestError("--search-backend faiss-gpu needs faiss-gpu and a visible GPU")
+    omp_threads = options.omp_threads or os.cpu_count() or 1
+    return FaissSearcher.load(index_dir, use_gpu=backend == "faiss-gpu", omp_threads=omp_threads,
+                              nprobe=options.nprobe, ef_search=options.ef_search)
 
 
 def _set_thread_counts(options: LoadOptions) -> None:
