@@ -64,6 +64,14 @@ def test_evaluation_plays_the_rl_recipes_rollout_settings_with_the_users_overrid
     assert value["--max-response-tokens"] == str(settings["response"]) and "--greedy" in command
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_sq_mode_overrides_compose_with_the_rl_recipe(tmp_path, algorithm):
+    # The overrides --mode sq adds to main_ppo, composed with verl's real config as main_ppo composes them.
+    run = _run(tmp_path, ["--mode", "sq", "--algorithm", algorithm], [])
+    settings = demo.rollout_settings(run)
+    assert settings["ragr1"]["mode"] == "sq" and settings["ragr1"]["prompt_template"] == "sq"
+
+
 def _record(question, em, searches, queries, format_ok=1.0):
     return {"question": question, "em": em, "f1": em, "searches": searches, "queries": queries,
             "format_ok": format_ok}
