@@ -205,10 +205,11 @@ def _application(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], op
     return serve.deployment(Directory, name="directory", ray_actor_options={"num_cpus": 0}).bind(*shards, *encoder)
 
 
-def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options,
-                  metrics: ServerMetrics) -> tuple[list[RayShard], RemoteEncoder | None, DeploymentStatus, str]:
+def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options, metrics: ServerMetrics,
+                  on_status=None) -> tuple[list[RayShard], RemoteEncoder | None, DeploymentStatus, str]:
     """Start (or replace) the application on Ray; returns the shards, the remote encoder (or None), the
-    deployments' status, and a description of where they run."""
+    deployments' status, and a description of where they run. ``on_status`` gets the status snapshot
+    function as soon as it exists."""
     import ray
     from ray import serve
 
@@ -219,8 +220,12 @@ def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], o
     serve.start(proxy_location="Disabled")
     logger.info("deploying %d shards on Ray (%s, %d replica(s) each)", len(infos), placement.shard_device,
                 placement.shard_replicas)
-    serve.run(_application(index_dir, manifest, infos, options, placement), name=APP_NAME, route_prefix=None)
+    # Watched from before the deployment, so that /health shows each shard's state while they load.
     status = DeploymentStatus(placement.status_interval_s).start()
+    if on_status is not None:
+        on_status(status.snapshot)
+    serve.run(_application(index_dir, manifest, infos, options, placement), name=APP_NAME, route_prefix=None)
+    status.refresh()
     shards = [RayShard(info, serve.get_deployment_handle(shard_deployment_name(info.number), APP_NAME), status,
                        placement.call_timeout_s) for info in infos]
     encoder = None

@@ -61,6 +61,7 @@ class RetrievalService:
         self.manifest: Manifest | None = None
         self.corpus: Corpus | None = None
         self.batcher: DynamicBatcher | None = None
+        self._loading_status = lambda: None  # while Ray Serve deploys the shards: their states
 
     @property
     def ready(self) -> bool:
@@ -127,8 +128,9 @@ class RetrievalService:
         if self.options.ray is not None:
             from retriever_server import ray_serve
 
-            shards, encoder, deployments, where = ray_serve.deploy_shards(self.index_dir, manifest, infos,
-                                                                          self.options, self.metrics)
+            shards, encoder, deployments, where = ray_serve.deploy_shards(
+                self.index_dir, manifest, infos, self.options, self.metrics,
+                on_status=lambda snapshot: setattr(self, "_loading_status", snapshot))
             status, on_close = deployments.snapshot, functools.partial(ray_serve.shutdown, deployments)
             if encoder is not None:
                 check_encoder(manifest, encoder.spec.name, encoder.fingerprint,
@@ -168,7 +170,7 @@ class RetrievalService:
             "encoder": (manifest.encoder or {}).get("spec", {}).get("name") if manifest else None,
             "backend": self.batcher.retriever.description if self.batcher else None,
             "index_dir": str(self.index_dir),
-            "shards": _shard_status(self.batcher.retriever) if self.batcher else None,
+            "shards": _shard_status(self.batcher.retriever) if self.batcher else self._loading_status(),
             "uptime_s": round(time.time() - self.started, 3),
         }
 
