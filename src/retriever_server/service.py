@@ -152,12 +152,11 @@ class RetrievalService:
     def search(self, queries: list[str], k: int) -> tuple[list[list[dict]], list[list[float]]]:
         """Documents and scores per query, through the batcher."""
         scores, positions = self.batcher.search(queries, k)
-        documents, kept_scores = [], []
-        for score_row, position_row in zip(scores.tolist(), positions.tolist()):
-            hits = [(p, s) for p, s in zip(position_row, score_row) if p >= 0]
-            documents.append(self.corpus.documents([p for p, _ in hits]))
-            kept_scores.append([round(float(s), 6) for _, s in hits])
-        return documents, kept_scores
+        rows = [[(p, s) for p, s in zip(position_row, score_row) if p >= 0]
+                for score_row, position_row in zip(scores.tolist(), positions.tolist())]
+        found = iter(self.corpus.documents([p for row in rows for p, _ in row]))  # one lookup for the request
+        documents = [[next(found) for _ in row] for row in rows]
+        return documents, [[round(float(s), 6) for _, s in row] for row in rows]
 
     def health(self) -> dict:
         manifest = self.manifest

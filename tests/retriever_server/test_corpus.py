@@ -81,6 +81,11 @@ def test_arrow_round_trip_by_position(tmp_path):
     corpus = Corpus(tmp_path / "corpus.arrow")
     assert len(corpus) == 20_000
     assert corpus.documents([19_999, 0, 8192]) == [rows[19_999], rows[0], rows[8192]]
+    # Across the record batches (8,192 rows each), repeated and out of order, in one call.
+    picked = [8191, 8192, 16383, 16384, 3, 8191, 19_999]
+    assert corpus.documents(picked) == [rows[i] for i in picked]
+    with pytest.raises(IndexError):
+        corpus.documents([20_000])
     chunks = list(corpus.iter_batches(7_000))
     assert [start for start, _ in chunks] == [0, 7_000, 14_000]
     assert sum(len(texts) for _, texts in chunks) == 20_000 and chunks[1][1][0] == rows[7_000]["contents"]
