@@ -1,4 +1,5 @@
-"""``ragr1-retriever``: serve an index (``serve``), try the embedded demo (``demo``), query a server (``query``)."""
+"""``ragr1-retriever``: serve an index (``serve``), plan its memory (``plan``), try the embedded demo (``demo``),
+query a server (``query``)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
     serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
     serve.add_argument("--corpus", default=None, help="a corpus.arrow to use instead of the index folder's")
+    serve.add_argument("--no-mmap", action="store_true",
+                       help="read the faiss index into memory instead of memory-mapping its codes")
     serve.add_argument("--verify-checksums", action="store_true", help="sha256 every index file before serving")
     ray = serve.add_argument_group("Ray Serve (a sharded index from `ragr1-index shard` or `build --num-shards`)")
     ray.add_argument("--ray", action="store_true", help="run the index shards as Ray Serve deployments")
@@ -75,6 +78,36 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     ray.add_argument("--encoder-replica-device", default="cpu", help="device of each encoder replica")
     ray.add_argument("--shard-timeout", type=float, default=30.0,
                      help="seconds a shard may take to answer before the search is a 503")
+    ray.add_argument("--gpu-memory-gib", type=float, default=None,
+                     help="free memory of each GPU, for the memory plan (Ray reports GPU counts, not memory; "
+                          "without it only the GPU count is checked)")
+    memory = serve.add_argument_group("memory plan (checked before anything is loaded)")
+    memory.add_argument("--reserve-memory-gib", type=float, default=0.0,
+                        help="memory to keep free on each device for other processes, e.g. verl's trainer")
+    memory.add_argument("--skip-memory-check", action="store_true",
+                        help="load even when the plan says the index does not fit")
+
+
+def _add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    what = plan.add_mutually_exclusive_group(required=True)
+    what.add_argument("--index", type=Path, help="an index folder (sharded or not) written by `ragr1-index`")
+    what.add_argument("--passages", type=int, help="plan an index not built yet: number of passages")
+    plan.add_argument("--dim", type=int, help="with --passages: embedding dimension")
+    plan.add_argument("--index-type", default="Flat", help="with --passages: the faiss factory string")
+    plan.add_argument("--corpus-bytes-per-passage", type=int, default=700,
+                      help="with --passages: corpus.arrow bytes per passage (about 700 for 100-word passages)")
+    plan.add_argument("--shards", type=int, default=None,
+                      help="number of shards (default: a sharded folder's own, else 1)")
+    plan.add_argument("--shard-device", choices=("cpu", "cuda"), default="cpu")
+    plan.add_argument("--max-batch-queries", type=int, default=512, help="as `serve --max-batch-queries`")
+    devices = plan.add_mutually_exclusive_group()
+    devices.add_argument("--ray-address", default=None, help="plan against the nodes of this Ray cluster")
+    devices.add_argument("--devices", type=int, default=None,
+                         help="plan against this many devices of --free-gib each (another machine)")
+    plan.add_argument("--free-gib", type=float, default=None, help="with --devices: free memory of each")
+    plan.add_argument("--gpu-memory-gib", type=float, default=None,
+                      help="with --ray-address and cuda: free memory of each GPU")
+    plan.add_argument("--reserve-memory-gib", type=float, default=0.0, help="memory kept free on each device")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -84,6 +117,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve an index over HTTP",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_serve_arguments(serve)
+    plan = commands.add_parser("plan", help="print the memory each shard needs against the devices' free memory")
+    _add_plan_arguments(plan)
     demo = commands.add_parser("demo", help="build the demo index, serve it on a free port, query it, stop")
     demo.add_argument("--kind", choices=("dense", "bm25"), default="dense")
     query = commands.add_parser("query", help="send queries to a running server and print the results")
@@ -103,7 +138,8 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
                           search_devices=tuple(d for d in args.search_devices.split(",") if d),
                           omp_threads=args.omp_threads, torch_threads=args.torch_threads, nprobe=args.nprobe,
                           ef_search=args.ef_search, corpus=args.corpus, verify_checksums=args.verify_checksums,
-                          cache_size=args.cache_size, ray=_ray_placement(args))
+                          cache_size=args.cache_size, mmap_index=not args.no_mmap, check_memory=not args.skip_memory_check,
+                          reserve_memory_gib=args.reserve_memory_gib, ray=_ray_placement(args))
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
                               request_timeout_s=args.request_timeout)
     return RetrievalService(index_dir, options, batching)
@@ -118,7 +154,7 @@ def _ray_placement(args: argparse.Namespace):
         return RayPlacement(address=args.ray_address, shard_device=args.shard_device,
                             shard_replicas=args.shard_replicas, shard_cpus=args.shard_cpus,
                             encoder_replicas=args.encoder_replicas, encoder_device=args.encoder_replica_device,
-                            call_timeout_s=args.shard_timeout)
+                            call_timeout_s=args.shard_timeout, gpu_memory_gib=args.gpu_memory_gib)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -172,6 +208,45 @@ def query(args: argparse.Namespace) -> int:
     return 0 if response.ok else 1
 
 
+def plan(args: argparse.Namespace) -> int:
+    """Exit status 1 when the shards do not fit."""
+    from retriever_server import plan as planning
+
+    try:
+        plans = _plans(args, planning)
+        devices = planning.leave_free(_devices(args, planning), int(args.reserve_memory_gib * planning.GIB))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    max_per_device = 1 if args.shard_device == "cuda" else None  # one GPU per shard replica
+    print(planning.format_plan(plans, devices, max_per_device=max_per_device))
+    return 1 if planning.check_placement(plans, devices, max_per_device=max_per_device) else 0
+
+
+def _plans(args: argparse.Namespace, planning) -> list:
+    if args.index is not None:
+        return planning.plan_index(args.index, args.shards, args.shard_device, batch_queries=args.max_batch_queries)
+    if args.dim is None:
+        raise ValueError("--passages needs --dim")
+    return planning.plan_from_shape(args.passages, args.dim, args.index_type, args.shards or 1, args.shard_device,
+                                    args.corpus_bytes_per_passage, batch_queries=args.max_batch_queries)
+
+
+def _devices(args: argparse.Namespace, planning) -> list:
+    if args.devices is not None:
+        if args.free_gib is None:
+            raise ValueError("--devices needs --free-gib")
+        return planning.assumed_devices(args.shard_device, args.devices, args.free_gib)
+    if args.ray_address is None:
+        return planning.available_memory(args.shard_device)
+    import ray
+
+    ray.init(address=args.ray_address, log_to_driver=False)
+    try:
+        return planning.available_memory(args.shard_device, ray.nodes(), args.gpu_memory_gib)
+    finally:
+        ray.shutdown()
+
+
 def demo(args: argparse.Namespace) -> int:
     from retriever_server.demo import run_demo
 
@@ -183,7 +258,7 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"serve": serve, "demo": demo, "query": query}
+    handlers = {"serve": serve, "plan": plan, "demo": demo, "query": query}
     return handlers[args.command](args)
 
 

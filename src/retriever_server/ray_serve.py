@@ -27,6 +27,7 @@ import numpy as np
 from retriever_server.encoders import EncoderSpec
 from retriever_server.manifest import Manifest
 from retriever_server.metrics import ServerMetrics
+from retriever_server.plan import available_memory, leave_free, plan_index, require_placement
 from retriever_server.sharded import Hit, LocalShard, ShardUnavailable
 from retriever_server.sharding import ShardInfo
 
@@ -34,13 +35,14 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "ragr1-retriever"
 ENCODER_DEPLOYMENT = "encoder"
+_UNCHECKED_GPU_GIB = float(2 ** 30)  # stands for "any size" when only GPU counts can be checked
 _HEALTHY = "HEALTHY"
 
 
 @dataclass(frozen=True)
 class RayPlacement:
     """Where the shards run (CLI: ``--ray``, ``--ray-address``, ``--shard-device``, ``--shard-replicas``,
-    ``--shard-cpus``, ``--encoder-replicas``, ``--encoder-device``, ``--shard-timeout``)."""
+    ``--shard-cpus``, ``--encoder-replicas``, ``--encoder-device``, ``--shard-timeout``, ``--gpu-memory-gib``)."""
 
     address: str | None = None  # None: a local Ray instance; "auto": the cluster this node belongs to
     shard_device: str = "cpu"  # "cpu", or "cuda": one GPU per shard replica
@@ -50,6 +52,7 @@ class RayPlacement:
     encoder_device: str = "cpu"
     call_timeout_s: float = 30.0
     status_interval_s: float = 0.5
+    gpu_memory_gib: float | None = None  # free memory of each GPU (Ray reports GPU counts, not memory)
 
     def __post_init__(self):
         if self.shard_device not in ("cpu", "cuda"):
@@ -205,6 +208,33 @@ def _application(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], op
     return serve.deployment(Directory, name="directory", ray_actor_options={"num_cpus": 0}).bind(*shards, *encoder)
 
 
+def connect(placement: RayPlacement) -> None:
+    """Join (or start) the Ray cluster the placement names, once per process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=placement.address, namespace="ragr1-retriever", log_to_driver=False)
+
+
+def check_memory(index_dir: Path, placement: RayPlacement, batch_queries: int, reserve_bytes: int = 0) -> None:
+    """Raise PlacementError, before any deployment, when the shard replicas do not fit on the cluster's nodes
+    (CPU: Ray's schedulable memory per node; GPU: one GPU per replica, ``gpu_memory_gib`` each)."""
+    import ray
+
+    connect(placement)
+    plans = plan_index(index_dir, shard_device=placement.shard_device, batch_queries=batch_queries)
+    replicas = [plan for plan in plans for _ in range(placement.shard_replicas)]
+    gpu_memory_gib = placement.gpu_memory_gib
+    if placement.shard_device == "cuda" and gpu_memory_gib is None:
+        logger.warning("GPU memory not checked (Ray reports GPU counts, not memory; pass --gpu-memory-gib): "
+                       "checking only that every shard replica gets a GPU")
+        gpu_memory_gib = _UNCHECKED_GPU_GIB
+    devices = leave_free(available_memory(placement.shard_device, ray.nodes(), gpu_memory_gib), reserve_bytes)
+    require_placement(replicas, devices, max_per_device=1 if placement.shard_device == "cuda" else None)
+    logger.info("memory plan: %d shard replica(s) fit on %d %s device(s) of the Ray cluster", len(replicas),
+                len(devices), placement.shard_device)
+
+
 def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options, metrics: ServerMetrics,
                   on_status=None) -> tuple[list[RayShard], RemoteEncoder | None, DeploymentStatus, str]:
     """Start (or replace) the application on Ray; returns the shards, the remote encoder (or None), the
@@ -214,8 +244,7 @@ def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], o
     from ray import serve
 
     placement: RayPlacement = options.ray
-    if not ray.is_initialized():
-        ray.init(address=placement.address, namespace="ragr1-retriever", log_to_driver=False)
+    connect(placement)
     # The front is waitress: Ray Serve's own HTTP proxies are not started.
     serve.start(proxy_location="Disabled")
     logger.info("deploying %d shards on Ray (%s, %d replica(s) each)", len(infos), placement.shard_device,

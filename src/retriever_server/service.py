@@ -14,12 +14,31 @@ from retriever_server.backends import DenseRetriever, LexicalRetriever, QueryEmb
 from retriever_server.batcher import BatchingConfig, DynamicBatcher
 from retriever_server.bm25 import Bm25Searcher
 from retriever_server.corpus import CORPUS_NAME, Corpus
-from retriever_server.dense import EXACT_INDEX_TYPES, FaissSearcher, TorchExactSearcher, cuda_devices, \
-    faiss_gpu_available
+from retriever_server.dense import (
+    EXACT_INDEX_TYPES,
+    FaissSearcher,
+    TorchExactSearcher,
+    cuda_devices,
+    faiss_gpu_available,
+)
 from retriever_server.encoders import EncoderSpec, TextEncoder
-from retriever_server.manifest import Manifest, ManifestError, PROBE_SENTENCE, check_corpus, check_encoder, \
-    check_files
+from retriever_server.manifest import (
+    PROBE_SENTENCE,
+    Manifest,
+    ManifestError,
+    check_corpus,
+    check_encoder,
+    check_files,
+)
 from retriever_server.metrics import ServerMetrics
+from retriever_server.plan import (
+    GIB,
+    available_memory,
+    human_bytes,
+    leave_free,
+    plan_index,
+    require_placement,
+)
 from retriever_server.sharded import LocalShard, ShardedCorpus, ShardedRetriever
 from retriever_server.sharding import read_shards
 
@@ -43,6 +62,9 @@ class LoadOptions:
     corpus: str | None = None  # default: corpus.arrow in the index folder
     verify_checksums: bool = False
     cache_size: int = 100_000
+    mmap_index: bool = True  # faiss codes memory-mapped from the index file rather than read into memory
+    check_memory: bool = True  # refuse, before loading, an index whose plan does not fit (see plan.py)
+    reserve_memory_gib: float = 0.0  # memory on each device to keep free for other processes
     ray: object = None  # a retriever_server.ray_serve.RayPlacement: serve a sharded index's shards on Ray
 
 
@@ -71,6 +93,7 @@ class RetrievalService:
         """Check the manifest, load corpus, encoder and index, and start the batcher. Raises on mismatch."""
         try:
             manifest = Manifest.read(self.index_dir)
+            self._check_memory(manifest)
             _set_thread_counts(self.options)
             if manifest.kind == "sharded":
                 retriever = self._load_sharded(manifest)
@@ -101,6 +124,26 @@ class RetrievalService:
         thread = threading.Thread(target=run, name="ragr1-loader", daemon=True)
         thread.start()
         return thread
+
+    def _check_memory(self, manifest: Manifest) -> None:
+        """Refuse, before anything is loaded, an index whose memory plan does not fit (PlacementError)."""
+        if not self.options.check_memory:
+            return
+        reserve = int(self.options.reserve_memory_gib * GIB)
+        batch = self.batching.max_batch_queries
+        if self.options.ray is not None:
+            from retriever_server import ray_serve
+
+            ray_serve.check_memory(self.index_dir, self.options.ray, batch, reserve)
+            return
+        backend = search_backend(manifest, self.options)
+        if backend not in ("bm25", "faiss"):
+            logger.info("memory plan skipped: this process searches on %s (plan GPUs with `ragr1-retriever plan`)",
+                        backend)
+            return
+        plans = plan_index(self.index_dir, shard_device="cpu", batch_queries=batch)
+        require_placement(plans, leave_free(available_memory("cpu"), reserve))
+        logger.info("memory plan: %s resident on this host", human_bytes(sum(p.resident_bytes for p in plans)))
 
     def _load_retriever(self, manifest: Manifest) -> Retriever:
         if manifest.kind == "bm25":
@@ -186,14 +229,23 @@ def _shard_status(retriever) -> dict[str, str] | None:
     return status() if callable(status) else None
 
 
+def search_backend(manifest: Manifest, options: LoadOptions) -> str:
+    """What searches an (unsharded) index folder in this process: "bm25", "torch", "faiss-gpu" or "faiss"."""
+    if manifest.kind == "bm25":
+        return "bm25"
+    if options.search_backend != "auto":
+        return options.search_backend
+    if manifest.index["type"] in EXACT_INDEX_TYPES and cuda_devices():
+        return "torch"
+    return "faiss-gpu" if faiss_gpu_available() else "faiss"
+
+
 def load_searcher(index_dir: Path, manifest: Manifest, options: LoadOptions):
     """The searcher of one (unsharded) index folder, on the backend the options choose."""
-    if manifest.kind == "bm25":
+    backend = search_backend(manifest, options)
+    if backend == "bm25":
         return Bm25Searcher(index_dir, manifest.index)
-    backend = options.search_backend
     exact = manifest.index["type"] in EXACT_INDEX_TYPES
-    if backend == "auto":
-        backend = "torch" if exact and cuda_devices() else "faiss-gpu" if faiss_gpu_available() else "faiss"
     if backend == "torch":
         if not exact:
             raise ManifestError(f"the torch backend does exact search; this index is {manifest.index['type']}")
@@ -202,7 +254,8 @@ def load_searcher(index_dir: Path, manifest: Manifest, options: LoadOptions):
     if backend == "faiss-gpu" and not faiss_gpu_available():
         raise ManifestError("--search-backend faiss-gpu needs faiss-gpu and a visible GPU")
     omp_threads = options.omp_threads or os.cpu_count() or 1
-    return FaissSearcher.load(index_dir, use_gpu=backend == "faiss-gpu", omp_threads=omp_threads,
+    return FaissSearcher.load(index_dir, use_gpu=backend == "faiss-gpu", mmap=options.mmap_index,
+                              omp_threads=omp_threads,
                               nprobe=options.nprobe, ef_search=options.ef_search)
 
 

@@ -172,3 +172,23 @@ def test_sharding_refuses_bad_requests(demo_bm25_index, tmp_path):
     with pytest.raises(ManifestError, match="sharded already"):
         shard_index(tmp_path / "once", tmp_path / "twice", 2)
     assert Path(tmp_path / "once" / "shard-00001" / "manifest.json").is_file()
+
+
+def test_a_placement_that_does_not_fit_is_refused_before_any_deployment(cluster, demo_index, demo_bm25_index,
+                                                                         tmp_path):
+    from retriever_server.plan import PlacementError
+
+    shard_index(demo_index, tmp_path / "dense", 2)
+    shard_index(demo_bm25_index, tmp_path / "bm25", 2)
+    cases = [("dense", LoadOptions(ray=_placement(cluster, shard_device="cuda", gpu_memory_gib=80.0)),
+              "no cuda device to place 2 shard"),  # this cluster has no GPU
+             ("bm25", LoadOptions(ray=_placement(cluster, shard_replicas=2), reserve_memory_gib=1e6),
+              r"shard \d needs .* on cpu but the most free on any device is 0 B")]
+    for folder, options, reason in cases:
+        before = {actor.actor_id for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        service = RetrievalService(tmp_path / folder, options, BatchingConfig())
+        with pytest.raises(PlacementError, match=reason):
+            service.load()
+        assert service.state == "failed"
+        after = {actor.actor_id for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        assert after <= before, "nothing may be deployed for a placement that does not fit"

@@ -97,3 +97,17 @@ def test_unfinished_build_is_refused(index_copy):
     with pytest.raises(ManifestError, match="ragr1-index build"):
         service.load()
     assert service.health()["status"] == "failed" and "manifest.json" in service.health()["error"]
+
+
+def test_the_faiss_index_is_memory_mapped_and_searches_the_same(demo_index):
+    import numpy as np
+
+    from retriever_server.dense import FAISS_INDEX_NAME, FaissSearcher
+
+    read = FaissSearcher.load(demo_index, use_gpu=False, mmap=False, omp_threads=1)
+    mapped = FaissSearcher.load(demo_index, use_gpu=False, mmap=True, omp_threads=1)
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        assert str((demo_index / FAISS_INDEX_NAME).resolve()) in maps.read(), "the codes should map the file"
+    queries = np.random.default_rng(0).standard_normal((16, read.index.d)).astype(np.float32)
+    (scores, ids), (want_scores, want_ids) = mapped.search(queries, 5), read.search(queries, 5)
+    assert (ids == want_ids).all() and np.allclose(scores, want_scores)
