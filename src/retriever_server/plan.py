@@ -278,6 +278,18 @@ def _cuda_memory() -> list[DeviceMemory]:
     return devices
 
 
+def cuda_memory_of(devices: Sequence[str]) -> list[DeviceMemory]:
+    """Free memory of the named CUDA devices ("cuda", "cuda:3"), in the order given."""
+    by_number = {int(device.name.split(" ")[0].split(":")[1]): device for device in _cuda_memory()}
+    chosen = []
+    for name in devices:
+        number = int(name.split(":")[1]) if ":" in name else 0
+        if number not in by_number:
+            raise ValueError(f"{name} is not a visible CUDA device")
+        chosen.append(by_number[number])
+    return chosen
+
+
 def _ray_memory(shard_device: str, nodes: list[dict], gpu_memory_gib: float | None) -> list[DeviceMemory]:
     """Ray's "memory" resource (bytes) is what it will schedule on a node, set when the node started: not
     live free memory. Ray reports GPU counts but not GPU memory."""

@@ -34,6 +34,7 @@ from retriever_server.metrics import ServerMetrics
 from retriever_server.plan import (
     GIB,
     available_memory,
+    cuda_memory_of,
     human_bytes,
     leave_free,
     plan_index,
@@ -137,13 +138,17 @@ class RetrievalService:
             ray_serve.check_memory(self.index_dir, self.options.ray, batch, reserve)
             return
         backend = search_backend(manifest, self.options)
-        if backend not in ("bm25", "faiss"):
-            logger.info("memory plan skipped: this process searches on %s (plan GPUs with `ragr1-retriever plan`)",
-                        backend)
+        devices = list(self.options.search_devices) or cuda_devices()
+        if backend in ("bm25", "faiss") or (backend == "torch" and not devices):
+            plans = plan_index(self.index_dir, shard_device="cpu", batch_queries=batch)
+            require_placement(plans, leave_free(available_memory("cpu"), reserve))
+        elif backend == "torch" and manifest.kind != "sharded":  # rows split evenly over the GPUs
+            plans = plan_index(self.index_dir, len(devices), "cuda", batch_queries=batch)
+            require_placement(plans, leave_free(cuda_memory_of(devices), reserve), max_per_device=1)
+        else:
+            logger.info("memory plan skipped for %s in one process: plan it with `ragr1-retriever plan`", backend)
             return
-        plans = plan_index(self.index_dir, shard_device="cpu", batch_queries=batch)
-        require_placement(plans, leave_free(available_memory("cpu"), reserve))
-        logger.info("memory plan: %s resident on this host", human_bytes(sum(p.resident_bytes for p in plans)))
+        logger.info("memory plan: %s resident", human_bytes(sum(plan.resident_bytes for plan in plans)))
 
     def _load_retriever(self, manifest: Manifest) -> Retriever:
         if manifest.kind == "bm25":

@@ -32,6 +32,7 @@ def _tool(name: str) -> str:
 
 @pytest.mark.parametrize("command", [["ragr1-retriever", "--help"], ["ragr1-retriever", "serve", "--help"],
                                      ["ragr1-retriever", "demo", "--help"], ["ragr1-retriever", "query", "--help"],
+                                     ["ragr1-retriever", "plan", "--help"],
                                      ["ragr1-index", "--help"], ["ragr1-index", "build", "--help"]])
 def test_help(command):
     result = _run(_tool(command[0]), *command[1:])
