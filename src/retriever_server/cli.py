@@ -58,8 +58,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="auto: torch fp16 exact search on GPUs for Flat indexes, else faiss-gpu if "
                             "installed, else faiss on CPU")
     serve.add_argument("--search-devices", default="", help="comma-separated devices for --search-backend torch")
-    serve.add_argument("--omp-threads", type=int, default=0, help="faiss OpenMP threads for large batches (0: all)")
-    serve.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    serve.add_argument("--omp-threads", type=int, default=0, help="faiss OpenMP threads for large batches (0: the CPUs this process may use)")
+    serve.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: the CPUs this process may use, from affinity and cgroup quota)")
     serve.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
     serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
     serve.add_argument("--corpus", default=None, help="a corpus.arrow to use instead of the index folder's")

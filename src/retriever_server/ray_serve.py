@@ -191,7 +191,9 @@ class RemoteEncoder:
 def _application(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options, placement: RayPlacement):
     from ray import serve
 
-    load = {**asdict(options), "ray": None, "search_devices": ()}
+    # A replica may run on every core of its node; it is given the CPUs Ray reserved for it.
+    load = {**asdict(options), "ray": None, "search_devices": (),
+            "omp_threads": options.omp_threads or max(1, int(placement.shard_cpus))}
     if placement.shard_device == "cuda":
         load["search_backend"] = "torch" if manifest.index["type"] in ("Flat", "IDMap,Flat") else "faiss-gpu"
     actor = {"num_cpus": placement.shard_cpus, "num_gpus": 1 if placement.shard_device == "cuda" else 0}

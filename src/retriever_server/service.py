@@ -14,6 +14,7 @@ from retriever_server.backends import DenseRetriever, LexicalRetriever, QueryEmb
 from retriever_server.batcher import BatchingConfig, DynamicBatcher
 from retriever_server.bm25 import Bm25Searcher
 from retriever_server.corpus import CORPUS_NAME, Corpus
+from retriever_server.cpus import log_thread_counts, usable_cpus
 from retriever_server.dense import (
     EXACT_INDEX_TYPES,
     FaissSearcher,
@@ -56,8 +57,8 @@ class LoadOptions:
     encoder_batch_size: int = 128
     search_backend: str = "auto"
     search_devices: tuple[str, ...] = ()  # torch backend; default: every visible GPU
-    omp_threads: int = 0  # 0: all cores
-    torch_threads: int = 0  # 0: all cores
+    omp_threads: int = 0  # 0: the CPUs this process may use (affinity and cgroup quota, see cpus.py)
+    torch_threads: int = 0  # 0: the same
     nprobe: int | None = None
     ef_search: int | None = None
     corpus: str | None = None  # default: corpus.arrow in the index folder
@@ -84,6 +85,7 @@ class RetrievalService:
         self.manifest: Manifest | None = None
         self.corpus: Corpus | None = None
         self.batcher: DynamicBatcher | None = None
+        self.threads: dict[str, int] | None = None
         self._loading_status = lambda: None  # while Ray Serve deploys the shards: their states
 
     @property
@@ -95,7 +97,7 @@ class RetrievalService:
         try:
             manifest = Manifest.read(self.index_dir)
             self._check_memory(manifest)
-            _set_thread_counts(self.options)
+            self.threads = _set_thread_counts(self.options)
             if manifest.kind == "sharded":
                 retriever = self._load_sharded(manifest)
                 corpus = ShardedCorpus(manifest.corpus["count"], retriever.cache)
@@ -218,6 +220,7 @@ class RetrievalService:
             "backend": self.batcher.retriever.description if self.batcher else None,
             "index_dir": str(self.index_dir),
             "shards": _shard_status(self.batcher.retriever) if self.batcher else self._loading_status(),
+            "threads": self.threads,
             "uptime_s": round(time.time() - self.started, 3),
         }
 
@@ -258,13 +261,18 @@ def load_searcher(index_dir: Path, manifest: Manifest, options: LoadOptions):
         return TorchExactSearcher.load(index_dir, devices)
     if backend == "faiss-gpu" and not faiss_gpu_available():
         raise ManifestError("--search-backend faiss-gpu needs faiss-gpu and a visible GPU")
-    omp_threads = options.omp_threads or os.cpu_count() or 1
+    omp_threads = options.omp_threads or usable_cpus()
     return FaissSearcher.load(index_dir, use_gpu=backend == "faiss-gpu", mmap=options.mmap_index,
                               omp_threads=omp_threads,
                               nprobe=options.nprobe, ef_search=options.ef_search)
 
 
-def _set_thread_counts(options: LoadOptions) -> None:
+def _set_thread_counts(options: LoadOptions) -> dict[str, int]:
+    """torch's threads (the query encoder) and faiss's for large batches, from the CPUs this process may use."""
     import torch
 
-    torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)
+    cpus = usable_cpus()
+    torch.set_num_threads(options.torch_threads or cpus)
+    counts = {"usable_cpus": cpus, "torch": torch.get_num_threads(), "faiss": options.omp_threads or cpus}
+    log_thread_counts(cpus, counts["torch"], counts["faiss"])
+    return counts
