@@ -60,8 +60,10 @@ _RETRIEVER_KEYS = {f.name for f in fields(RetrieverSettings)} - {"urls"} | {"url
 def load_config(section: Mapping[str, Any] | None, *, environ: Mapping[str, str] = os.environ) -> RagR1Config:
     """Parse a ``ragr1`` section (a dict or an OmegaConf node; None means all defaults).
 
-    ``RAGR1_RETRIEVER_URL`` (one URL or a comma-separated list) and ``RAGR1_RETRIEVER_TOKEN`` override the
-    retriever's ``url`` and ``token``.
+    An explicit retriever ``url`` or ``token`` wins. Where the section has none (or null),
+    ``RAGR1_RETRIEVER_URL`` (one URL or a comma-separated list) and ``RAGR1_RETRIEVER_TOKEN`` fill them in,
+    then the default URL. The recipes resolve the environment themselves (``${oc.env:...}``), so that a
+    command-line override beats it: command line > environment > recipe default.
     """
     values = _to_dict(section)
     known = {f.name for f in fields(RagR1Config)}
@@ -116,8 +118,8 @@ def _retriever_settings(section: Mapping[str, Any], environ: Mapping[str, str]) 
     if unknown:
         raise ConfigError(f"unknown ragr1.retriever setting(s) {unknown}; valid keys: {sorted(_RETRIEVER_KEYS)}")
     url, token = section.pop("url", None), section.pop("token", None)
-    urls = _urls(environ.get(URL_ENV) or url or DEFAULT_RETRIEVER_URL)
-    token = environ.get(TOKEN_ENV) or token
+    urls = _urls(url if url not in (None, "") else environ.get(URL_ENV) or DEFAULT_RETRIEVER_URL)
+    token = token if token not in (None, "") else environ.get(TOKEN_ENV) or None
     defaults = RetrieverSettings(urls=urls)
     for name, value in section.items():
         default = getattr(defaults, name)

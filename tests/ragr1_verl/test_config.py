@@ -42,12 +42,41 @@ def test_bad_settings_name_the_key(section, key):
         load_config(section, environ={})
 
 
-def test_environment_overrides_url_and_token():
-    environ = {"RAGR1_RETRIEVER_URL": "http://10.0.0.1:8000, http://10.0.0.2:8000", "RAGR1_RETRIEVER_TOKEN": "s3"}
-    config = load_config({"retriever": {"url": "http://ignored:1", "token": "old"}}, environ=environ)
+ENVIRON = {"RAGR1_RETRIEVER_URL": "http://10.0.0.1:8000, http://10.0.0.2:8000", "RAGR1_RETRIEVER_TOKEN": "s3"}
 
-    assert config.retriever.urls == ("http://10.0.0.1:8000/retrieve", "http://10.0.0.2:8000/retrieve")
-    assert config.retriever.token == "s3"
+
+def test_the_environment_fills_in_a_missing_url_and_token():
+    for section in ({}, {"retriever": {}}, {"retriever": {"url": None, "token": None}}):
+        config = load_config(section, environ=ENVIRON)
+        assert config.retriever.urls == ("http://10.0.0.1:8000/retrieve", "http://10.0.0.2:8000/retrieve")
+        assert config.retriever.token == "s3"
+    assert load_config({}, environ={}).retriever.urls == ("http://127.0.0.1:8000/retrieve",)
+    assert load_config({}, environ={}).retriever.token is None
+
+
+def test_an_explicit_url_and_token_beat_the_environment():
+    config = load_config({"retriever": {"url": "http://explicit:1", "token": "mine"}}, environ=ENVIRON)
+    assert config.retriever.urls == ("http://explicit:1/retrieve",) and config.retriever.token == "mine"
+
+
+@pytest.mark.parametrize("recipe", ["ragr1", "ragr1_cpu", "ragr1_sq", "ragr1_grpo"])
+def test_recipes_take_the_command_line_then_the_environment_then_their_default(recipe, monkeypatch):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    def retriever(*overrides: str):
+        with initialize_config_module("verl.trainer.config", version_base=None):
+            config = compose("ppo_trainer", overrides=[f"+recipe={recipe}", *overrides])
+        return load_config(OmegaConf.to_container(config.ragr1, resolve=True), environ={}).retriever
+
+    monkeypatch.delenv("RAGR1_RETRIEVER_URL", raising=False)
+    monkeypatch.delenv("RAGR1_RETRIEVER_TOKEN", raising=False)
+    assert retriever().urls == ("http://127.0.0.1:8000/retrieve",) and retriever().token is None
+    monkeypatch.setenv("RAGR1_RETRIEVER_URL", "http://from-env:9000/retrieve")
+    monkeypatch.setenv("RAGR1_RETRIEVER_TOKEN", "env-token")
+    assert retriever().urls == ("http://from-env:9000/retrieve",) and retriever().token == "env-token"
+    explicit = retriever("ragr1.retriever.url=http://explicit:7000/retrieve", "ragr1.retriever.token=cli")
+    assert explicit.urls == ("http://explicit:7000/retrieve",) and explicit.token == "cli"
 
 
 def test_tool_yaml_keys_are_accepted():

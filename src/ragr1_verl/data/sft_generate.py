@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import TOKEN_ENV, URL_ENV, load_config
+from ragr1_verl.config import URL_ENV, load_config
 from ragr1_verl.data.io import DataError, positive_int
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
@@ -199,10 +199,7 @@ def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettin
         "max_tokens_per_turn": args.max_tokens_per_turn, "observation_format": args.observation_format,
         "retriever": {"url": args.retriever_url} if args.retriever_url else {},
     }
-    # The URL flag beats the environment (load_config lets the environment win, as a trainer override should).
-    environ = {name: value for name, value in os.environ.items()
-               if name == TOKEN_ENV or (name == URL_ENV and not args.retriever_url)}
-    config = load_config(section, environ=environ)
+    config = load_config(section)  # --retriever-url wins; else $RAGR1_RETRIEVER_URL, else the local server
     selection = None
     if args.select_rl_data:
         selection = SelectionSettings(args.resample_limit, args.resample_temperature, args.resample_max_turns,

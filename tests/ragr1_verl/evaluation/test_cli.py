@@ -208,3 +208,19 @@ def test_the_mode_brings_its_own_instructions_unless_the_data_prompt_is_asked_fo
     assert evaluate(tmp_path / "data", demo_parquet, tiny_model_dir, served.url, retriever, "--mode", "sq",
                     "--prompt-template", "data") == 0
     assert all(mq_only in tokenizer.decode(r["prompt"]) for r in served.requests)
+
+
+def test_an_explicit_retriever_url_beats_the_environment(monkeypatch, tmp_path):
+    from ragr1_verl.config import load_config
+    from ragr1_verl.evaluation.cli import build_parser, settings_from
+
+    monkeypatch.setenv("RAGR1_RETRIEVER_URL", "http://from-env:9000/retrieve")
+    monkeypatch.setenv("RAGR1_RETRIEVER_TOKEN", "env-token")
+    explicit = build_parser().parse_args(["--data", "x.parquet", "--out", str(tmp_path / "a"),
+                                          "--retriever-url", "http://explicit:7000/retrieve",
+                                          "--retriever-token", "cli"])
+    retriever = load_config(settings_from(explicit).ragr1).retriever  # as the runner loads it
+    assert retriever.urls == ("http://explicit:7000/retrieve",) and retriever.token == "cli"
+    implicit = build_parser().parse_args(["--data", "x.parquet", "--out", str(tmp_path / "b")])
+    retriever = load_config(settings_from(implicit).ragr1).retriever
+    assert retriever.urls == ("http://from-env:9000/retrieve",) and retriever.token == "env-token"
