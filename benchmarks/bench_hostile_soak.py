@@ -55,7 +55,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
         process = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "serve", *where, "--port", "0"],
                                    stdout=sink, stderr=sink)
     deadline = time.monotonic() + 600
-    while not (match := re.search(r"serving on (http://\S+)", log.read_text())):
+    while not (match := re.search(r"listening on (http://\S+)", log.read_text())):
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the server did not start:\n{log.read_text()[-2000:]}")
         time.sleep(0.2)

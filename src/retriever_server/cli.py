@@ -186,7 +186,8 @@ def serve(args: argparse.Namespace) -> int:
     # SIGINT may be ignored (a background job), so stopping goes through SIGTERM, whose handler raises.
     signal.signal(signal.SIGTERM, _stop_serving)
     try:
-        service.load_in_background(on_failure=lambda err: _thread.interrupt_main(signal.SIGTERM))
+        service.load_in_background(on_failure=lambda err: _thread.interrupt_main(signal.SIGTERM),
+                                   on_ready=lambda: logger.info("ready: serving on %s", server.url))
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -159,7 +159,8 @@ class WaitressServer:
         return f"http://{host}:{self.port}"
 
     def serve_forever(self) -> None:
-        logger.info("serving on %s (at most %d connections)", self.url, self.connection_limit)
+        logger.info("listening on %s (at most %d connections); /health says ready: false until the index is loaded",
+                    self.url, self.connection_limit)
         self._server.run()
 
     def start_in_thread(self) -> WaitressServer:

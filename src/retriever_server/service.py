@@ -114,15 +114,18 @@ class RetrievalService:
         self.batcher = DynamicBatcher(retriever, self.batching, self.metrics)
         self.batcher.start()
         self.state = "ready"
-        logger.info("serving %d passages from %s (%s)", len(corpus), self.index_dir, retriever.description)
+        logger.info("loaded %d passages from %s (%s)", len(corpus), self.index_dir, retriever.description)
 
-    def load_in_background(self, on_failure) -> threading.Thread:
+    def load_in_background(self, on_failure, on_ready=None) -> threading.Thread:
         def run() -> None:
             try:
                 self.load()
             except Exception as err:  # noqa: BLE001 - reported through /health and on_failure
                 logger.error("could not load the index: %s", err)
                 on_failure(err)
+                return
+            if on_ready is not None:
+                on_ready()
 
         thread = threading.Thread(target=run, name="ragr1-loader", daemon=True)
         thread.start()

@@ -69,6 +69,8 @@ def test_index_build_then_serve_then_query_then_stop(tmp_path):
     try:
         url = _wait_for_url(server)
         _wait_ready(url)
+        # Readiness is logged once the index is loaded, after the address (issue 16: not before).
+        assert any(f"ready: serving on {url}" in server.stderr.readline() for _ in range(50))
         query = _run(_tool("ragr1-retriever"), "query", "--url", url, "--auth-token", "tok", "--topk", "1",
                      "which item is purple")
         assert query.returncode == 0, query.stderr
@@ -82,7 +84,7 @@ def _wait_for_url(process: subprocess.Popen, timeout: float = 60) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         line = process.stderr.readline()
-        match = re.search(r"serving on (http://\S+)", line)
+        match = re.search(r"listening on (http://\S+)", line)
         if match:
             return match.group(1)
         assert process.poll() is None, f"server exited early: {line}"

@@ -159,7 +159,7 @@ def _serve_in_subprocess(index: Path, log: Path, descriptors: int, *args: str) -
             [sys.executable, "-m", "retriever_server.cli", "serve", "--index", str(index), "--port", "0", *args],
             stderr=sink, stdout=sink, preexec_fn=limit_descriptors)
     deadline = time.monotonic() + 120
-    while not (match := re.search(r"serving on (http://\S+)", log.read_text())):
+    while not (match := re.search(r"listening on (http://\S+)", log.read_text())):
         assert process.poll() is None, f"the server exited before serving:\n{log.read_text()}"
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.2)
