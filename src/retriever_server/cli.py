@@ -41,6 +41,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--request-read-timeout", type=float, default=15.0,
                        help="seconds a request may take to arrive whole; slower connections are closed")
     serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds an idle keep-alive connection is kept")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="on SIGTERM, seconds the requests already received may take to be answered")
     serve.add_argument("--max-batch-queries", type=int, default=512, help="most distinct queries per batch")
     serve.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait for a batch to fill")
     serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a queued request fails")
@@ -174,7 +176,8 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("error: --max-concurrent-requests must be at least 1 and below --threads, so that threads "
                          "stay free to answer health checks and 503s")
     serving_limits = ServingLimits(threads=args.threads, connection_limit=args.connection_limit,
-                                   request_read_timeout_s=args.request_read_timeout, idle_timeout_s=args.idle_timeout)
+                                   request_read_timeout_s=args.request_read_timeout, idle_timeout_s=args.idle_timeout,
+                                   shutdown_timeout_s=args.shutdown_timeout)
     service = build_service(args)
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
     app = create_app(service, limits=limits, default_topk=args.topk, auth_token=token)

@@ -39,12 +39,13 @@ EVICT_FRACTION = 0.1  # of the connection limit, closed at once when it is reach
 @dataclass(frozen=True)
 class ServingLimits:
     """The HTTP layer's knobs (CLI: ``--threads``, ``--connection-limit``, ``--request-read-timeout``,
-    ``--idle-timeout``)."""
+    ``--idle-timeout``, ``--shutdown-timeout``)."""
 
     threads: int = 128  # above RequestLimits.max_concurrent_requests (120): some stay free for 503s
     connection_limit: int = 0  # 0: as many as the descriptor limit allows, at most 10,000
     request_read_timeout_s: float = 15.0
     idle_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0  # on SIGTERM: how long requests already received may take to be answered
 
 
 def descriptor_budget() -> int:
@@ -111,6 +112,32 @@ class _GuardedServer(TcpWSGIServer):
         if self.accepting and len(self._map) >= self.adj.connection_limit:
             self._evict_waiting(max(1, int(self.adj.connection_limit * EVICT_FRACTION)))
         return super().readable()
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (raised here as KeyboardInterrupt or SystemExit), then drain."""
+        try:
+            self.asyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map, use_poll=True)
+        except (SystemExit, KeyboardInterrupt):
+            self.drain()
+
+    def drain(self) -> None:
+        """Stop accepting, answer the requests already begun (within the shutdown timeout), then close
+        every connection, so that no worker thread writes to a closed socket."""
+        self.accepting = False  # the listening socket is no longer polled
+        deadline = time.monotonic() + self.limits.shutdown_timeout_s
+        if self._in_flight():
+            logger.info("stopping: answering the requests in flight (at most %.0f s)", self.limits.shutdown_timeout_s)
+        while self._in_flight() and time.monotonic() < deadline:
+            self.asyncore.loop(timeout=0.05, map=self._map, use_poll=True, count=1)
+        self.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        for channel in list(self.active_channels.values()):
+            channel.close()
+
+    def _in_flight(self) -> bool:
+        """A request is being received, waits for or holds a worker thread, or its answer is being sent."""
+        return bool(self.task_dispatcher.queue) or any(
+            channel.request is not None or channel.requests or channel.total_outbufs_len
+            for channel in list(self.active_channels.values()))
 
     def maintenance(self, now: float) -> None:
         """Close idle connections and connections whose request has been arriving for too long."""

@@ -135,3 +135,35 @@ def test_installed_distribution_ships_the_demo_data_and_entry_points():
     assert {"retriever_server/demo/corpus.jsonl", "retriever_server/demo/questions.jsonl"} <= files
     scripts = {ep.name for ep in distribution.entry_points if ep.group == "console_scripts"}
     assert {"ragr1-retriever", "ragr1-index"} <= scripts
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_requests_in_flight_then_exits_cleanly(cache_dir, demo_index):
+    import concurrent.futures
+
+    env = {**os.environ, "RAGR1_CACHE_DIR": str(cache_dir)}
+    # The batcher waits up to 3 s for a batch to fill: every request is in flight when the signal comes.
+    server = subprocess.Popen([_tool("ragr1-retriever"), "serve", "--demo", "--port", "0", "--cache-size", "0",
+                               "--max-wait-ms", "3000"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = _wait_for_url(server)
+        _wait_ready(url, timeout=120)
+        bodies = [{"queries": [f"question {n} about bridge {i}" for i in range(32)], "topk": 3} for n in range(4)]
+        sessions = [requests.Session() for _ in bodies]
+        for session in sessions:  # connections the server has accepted before the signal
+            assert session.get(f"{url}/health", timeout=30).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(session.post, f"{url}/retrieve", json=body, timeout=120)
+                       for session, body in zip(sessions, bodies)]
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            responses = [answer.result() for answer in answers]
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stderr.read()
+    assert "Traceback" not in log and "Bad file descriptor" not in log, log[-3000:]
+    for response in responses:  # every request that reached the server gets its whole answer
+        assert response.status_code == 200 and len(response.json()["result"]) == 32
+    assert "stopping: answering the requests in flight" in log
