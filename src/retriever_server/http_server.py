@@ -31,6 +31,9 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 logger = logging.getLogger(__name__)
+# waitress warns "Task queue depth is N" whenever requests wait for a thread, which is normal under load:
+# overload is answered by the concurrency cap (503 + Retry-After), so the warning is only noise.
+logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 DESCRIPTORS_RESERVED = 64  # index files, logs, the encoder's files, waitress's trigger pipe
 EVICT_FRACTION = 0.1  # of the connection limit, closed at once when it is reached

@@ -136,6 +136,15 @@ def test_work_and_response_bytes_are_capped(demo_bm25_index):
         assert _retrieve(url, QUERY).status_code == 200
 
 
+def test_requests_waiting_for_a_thread_log_nothing(demo_bm25_index, caplog):
+    with serving(demo_bm25_index, serving_limits=ServingLimits(threads=2),
+                 limits=RequestLimits(max_concurrent_requests=1)) as (url, _):
+        with caplog.at_level("WARNING"), concurrent.futures.ThreadPoolExecutor(32) as pool:
+            statuses = list(pool.map(lambda _: _retrieve(url).status_code, range(200)))
+    assert set(statuses) <= {200, 503} and 200 in statuses
+    assert not [record for record in caplog.records if "queue depth" in record.getMessage()]
+
+
 def test_searches_beyond_the_concurrency_cap_get_a_503_at_once(demo_bm25_index):
     # A batching wait of 1.5 s keeps the first search in flight while the second arrives.
     with serving(demo_bm25_index, limits=RequestLimits(max_concurrent_requests=1),
