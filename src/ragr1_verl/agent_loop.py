@@ -34,6 +34,16 @@ AGENT_NAME = "ragr1_agent"
 _SUMMED_SERVER_FIELDS = ("spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_verify_steps")
 
 
+def round_sampling_params(sampling_params: dict[str, Any], max_tokens: int, stop_strings: bool) -> dict[str, Any]:
+    """What one generation round asks verl's server for: verl's sampling parameters, this round's token
+    budget and the protocol's stop strings. vLLM and SGLang both return the stop string's tokens in the
+    token ids (they trim only the text), so the round keeps them and trims after the stop string itself."""
+    params = dict(sampling_params, max_tokens=max_tokens)
+    if stop_strings:
+        params["stop"] = list(protocol.STOP_STRINGS)
+    return params
+
+
 @dataclass
 class TrajectoryStats:
     """Per-trajectory counters, returned in ``extra_fields`` (``ragr1/<name>``) for logging and the reward."""
@@ -281,9 +291,7 @@ class RagR1AgentLoop(AgentLoopBase):
     async def _generate(self, request_id: str, context_ids: list[int], sampling_params: dict[str, Any],
                         max_tokens: int, stats: TrajectoryStats) -> tuple[list[int], list[float] | None, str]:
         """The round's tokens and logprobs, trimmed at the first stop string, and their decoded text."""
-        params = dict(sampling_params, max_tokens=max_tokens)
-        if self.settings.stop_strings:
-            params["stop"] = list(protocol.STOP_STRINGS)
+        params = round_sampling_params(sampling_params, max_tokens, self.settings.stop_strings)
         started = time.perf_counter()
         output = await self.server_manager.generate(request_id, prompt_ids=context_ids, sampling_params=params)
         stats.generation_s += time.perf_counter() - started
