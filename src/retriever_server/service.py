@@ -144,7 +144,8 @@ class RetrievalService:
             return
         backend = search_backend(manifest, self.options)
         devices = list(self.options.search_devices) or cuda_devices()
-        if backend in ("bm25", "faiss") or (backend == "torch" and not devices):
+        on_gpus = bool(devices) and all(device.startswith("cuda") for device in devices)
+        if backend in ("bm25", "faiss") or (backend == "torch" and not on_gpus):
             plans = plan_index(self.index_dir, shard_device="cpu", batch_queries=batch)
             require_placement(plans, leave_free(available_memory("cpu"), reserve))
         elif backend == "torch" and manifest.kind != "sharded":  # rows split evenly over the GPUs
