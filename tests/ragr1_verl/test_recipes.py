@@ -38,6 +38,14 @@ def app_job(module: str, cwd, *overrides: str) -> dict:
     return yaml.safe_load(result.stdout)
 
 
+def resolved_ragr1(job: dict) -> dict:
+    """The job's ``ragr1`` section with its interpolations resolved (the recipes read the retriever's URL
+    and token from the environment with ``${oc.env:...}``), as verl resolves it before the workers start."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(job["ragr1"]), resolve=True)
+
+
 def main_ppo_job(cwd, *overrides: str) -> dict:
     return app_job("verl.trainer.main_ppo", cwd, *overrides)
 
@@ -89,7 +97,7 @@ def test_the_recipe_is_found_from_any_directory_and_sets_the_papers_values(ragr1
     assert (ragr1_job["trainer"]["total_training_steps"], ragr1_job["trainer"]["total_epochs"]) == (500, 50)
     assert rollout["agent"]["default_agent_loop"] == "ragr1_agent" and rollout["name"] == "vllm"
     assert ragr1_job["reward"]["custom_reward_function"]["path"] == "pkg://ragr1_verl.reward"
-    settings = load_config(ragr1_job["ragr1"], environ={})
+    settings = load_config(resolved_ragr1(ragr1_job), environ={})
     assert (settings.topk, settings.max_turns, settings.max_tokens_per_turn) == (3, 4, 500)
     assert settings.mode == "mq"
 
@@ -123,7 +131,7 @@ def test_grpo_recipe_sets_grpo_with_a_kl_loss_and_keeps_the_papers_other_values(
     assert (rollout["temperature"], rollout["agent"]["default_agent_loop"]) == (1.0, "ragr1_agent")
     assert grpo_job["reward"]["custom_reward_function"]["path"] == "pkg://ragr1_verl.reward"
     assert (grpo_job["trainer"]["total_training_steps"], grpo_job["trainer"]["total_epochs"]) == (500, 50)
-    assert load_config(grpo_job["ragr1"], environ={}).mode == "mq"
+    assert load_config(resolved_ragr1(grpo_job), environ={}).mode == "mq"
 
 
 def test_grpo_recipe_yields_to_command_line_overrides(grpo_job):
@@ -141,7 +149,7 @@ def test_grpo_recipe_default_is_five_rollouts_and_no_critic():
 # --- +recipe=ragr1_sq ---------------------------------------------------------------------------------------
 
 def test_sq_recipe_switches_to_single_query_and_keeps_the_ppo_settings(sq_job):
-    settings = load_config(sq_job["ragr1"], environ={})
+    settings = load_config(resolved_ragr1(sq_job), environ={})
     assert "recipe" not in sq_job
     assert settings.mode == "sq" and settings.query_rules.mode == "sq"
     assert resolve_prompt_template(settings.prompt_template, settings.mode) == default_template("sq")
@@ -154,7 +162,7 @@ def test_sq_recipe_switches_to_single_query_and_keeps_the_ppo_settings(sq_job):
 
 
 def test_sq_recipe_yields_to_command_line_overrides(sq_job):
-    assert load_config(sq_job["ragr1"], environ={}).topk == 5
+    assert load_config(resolved_ragr1(sq_job), environ={}).topk == 5
 
 
 # --- all stage-2 recipes: verl's validation and dataclasses -------------------------------------------------
