@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from retriever_server.batcher import BatcherStopped
 from retriever_server.service import RetrievalService
 from retriever_server.sharded import ShardUnavailable
-from retriever_server.wire import RequestError, RequestLimits, format_results, parse_retrieve_request
+from retriever_server.wire import RequestError, RequestLimits, parse_retrieve_request
 
 logger = logging.getLogger(__name__)
 _PROTECTED = {"/retrieve", "/metrics"}
@@ -82,7 +82,7 @@ def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimi
                                "searching already; retry shortly", "overloaded")
         try:
             metrics.queries.inc(len(parsed.queries))
-            documents, scores = service.search(parsed.queries, parsed.topk)
+            body = service.search_body(parsed.queries, parsed.topk, parsed.return_scores)
         except FutureTimeout:
             raise RequestError(503, "the retriever is overloaded: the request timed out", "timeout") from None
         except BatcherStopped as err:
@@ -91,7 +91,6 @@ def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimi
             raise RequestError(503, str(err), "shard_unavailable") from None
         finally:
             searching.release()
-        body = json.dumps(format_results(documents, scores, parsed.return_scores))
         if len(body) > limits.max_response_bytes:  # the JSON is ASCII: characters are bytes
             raise RequestError(413, f"the response would be {len(body)} bytes; the limit is "
                                f"{limits.max_response_bytes}: send fewer queries or a smaller topk", "response_too_large")

@@ -1,9 +1,13 @@
 """Dynamic batching: concurrent requests become one encoder batch and one index search.
 
-HTTP threads hand their queries to a single worker thread. The worker takes whatever is queued (waiting at
-most ``max_wait_ms`` for more once the first request arrives), deduplicates identical query strings across
-the batch, searches once with the largest ``topk`` asked for, and hands each request its own rows. One
-thread owns the encoder and the index, so torch and faiss never contend with each other for the cores.
+HTTP threads hand their queries to a single search thread. It takes whatever is queued (waiting at most
+``max_wait_ms`` for more once the first request arrives), deduplicates identical query strings across the
+batch and searches once with the largest ``topk`` asked for. One thread owns the encoder and the index, so
+torch and faiss never contend with each other for the cores.
+
+A second thread finishes each batch while the next one is searched: one document lookup for all of the
+batch's hits (the JSON of each document encoded once, see ``responses.py``), then each request gets its own
+rows. The HTTP threads are left with parsing a request and joining its body.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from retriever_server.backends import Retriever
+from retriever_server.heap import HeapTrimmer
 from retriever_server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,7 @@ class BatchingConfig:
     max_batch_queries: int = 512
     max_wait_ms: float = 1.0
     request_timeout_s: float = 120.0
+    trim_heap: bool = True  # malloc_trim between batches, so varied batch sizes do not grow RSS (heap.py)
 
 
 @dataclass
@@ -40,6 +47,24 @@ class _Request:
     enqueued: float
 
 
+@dataclass(frozen=True)
+class BatchAnswer:
+    """One request's rows of a batch: ``positions < 0`` mark missing hits; ``fragments`` maps each hit's
+    position to its document's JSON text (``None`` when the batcher was built without documents)."""
+
+    scores: np.ndarray
+    positions: np.ndarray
+    fragments: dict[int, str] | None
+
+
+@dataclass
+class _Searched:
+    requests: list[_Request]
+    row_of: dict[str, int]
+    scores: np.ndarray
+    positions: np.ndarray
+
+
 class BatcherStopped(RuntimeError):
     """The batcher was stopped before it could answer."""
 
@@ -47,24 +72,32 @@ class BatcherStopped(RuntimeError):
 class DynamicBatcher:
     """Coalesces :meth:`search` calls from many threads into batched calls of one :class:`Retriever`."""
 
-    def __init__(self, retriever: Retriever, config: BatchingConfig, metrics: ServerMetrics):
+    def __init__(self, retriever: Retriever, config: BatchingConfig, metrics: ServerMetrics,
+                 fragments: Callable[[list[int]], dict[int, str]] | None = None):
         self.retriever = retriever
         self.config = config
         self.metrics = metrics
+        self.fragments = fragments
         self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="ragr1-batcher", daemon=True)
+        # Two batches at most wait to be finished: the search thread never runs far ahead of the lookups.
+        self._searched: queue.Queue[_Searched | None] = queue.Queue(maxsize=2)
+        self._threads = [threading.Thread(target=self._run, name="ragr1-batcher", daemon=True),
+                         threading.Thread(target=self._finish_batches, name="ragr1-finisher", daemon=True)]
         self._stopped = threading.Event()
+        self.heap = HeapTrimmer(enabled=config.trim_heap)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
-    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Blocking: ``(scores, positions)`` rows for ``queries``, searched with whatever else is queued."""
+    def search(self, queries: list[str], k: int) -> BatchAnswer:
+        """Blocking: this request's rows, searched with whatever else is queued."""
         if self._stopped.is_set():
             raise BatcherStopped("the retriever is shutting down")
         request = _Request(queries, k, Future(), time.perf_counter())
@@ -72,11 +105,15 @@ class DynamicBatcher:
         return request.future.result(timeout=self.config.request_timeout_s)
 
     def _run(self) -> None:
-        while not self._stopped.is_set():
-            batch = self._collect()
-            if batch:
-                self._process(batch)
-        self._fail_pending()
+        try:
+            while not self._stopped.is_set():
+                batch = self._collect()
+                if batch:
+                    self._process(batch)
+                    self.heap.after_batch(idle=self._queue.empty())
+        finally:
+            self._searched.put(None)
+            self._fail_pending()
 
     def _collect(self) -> list[_Request]:
         first = self._queue.get()
@@ -114,14 +151,23 @@ class DynamicBatcher:
             scores, positions = self.retriever.search(list(row_of), max(r.k for r in batch))
         except Exception as err:  # noqa: BLE001 - any backend failure must reach every waiting request
             logger.exception("search failed for a batch of %d queries", len(row_of))
-            for request in batch:
-                request.future.set_exception(err)
+            _fail(batch, err)
             return
-        for request in batch:
-            rows = [row_of[q] for q in request.queries]
-            request.future.set_result((scores[rows, :request.k], positions[rows, :request.k]))
+        self._searched.put(_Searched(batch, row_of, scores, positions))
+
+    def _finish_batches(self) -> None:
+        while (searched := self._searched.get()) is not None:
+            try:
+                answers = _answers(searched, self.fragments)
+            except Exception as err:  # noqa: BLE001 - e.g. a shard's documents evicted: each request hears
+                logger.exception("document lookup failed for a batch of %d requests", len(searched.requests))
+                _fail(searched.requests, err)
+                continue
+            for request, answer in zip(searched.requests, answers):
+                request.future.set_result(answer)
 
     def _fail_pending(self) -> None:
+        """Called once the search thread has stopped: nothing else takes from the request queue."""
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -129,3 +175,20 @@ class DynamicBatcher:
                 return
             if item is not None:
                 item.future.set_exception(BatcherStopped("the retriever is shutting down"))
+
+
+def _answers(searched: _Searched, fragments) -> list[BatchAnswer]:
+    """Each request's rows of the batch, with the JSON of every hit's document from one lookup."""
+    rows = [[searched.row_of[q] for q in request.queries] for request in searched.requests]
+    positions = [searched.positions[row, :request.k] for row, request in zip(rows, searched.requests)]
+    found = None
+    if fragments is not None:
+        hits = np.concatenate([p.ravel() for p in positions])
+        found = fragments(np.unique(hits[hits >= 0]).tolist())
+    return [BatchAnswer(searched.scores[row, :request.k], position, found)
+            for row, request, position in zip(rows, searched.requests, positions)]
+
+
+def _fail(requests: list[_Request], err: Exception) -> None:
+    for request in requests:
+        request.future.set_exception(err)

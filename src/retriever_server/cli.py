@@ -47,6 +47,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait for a batch to fill")
     serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a queued request fails")
     serve.add_argument("--cache-size", type=int, default=100_000, help="query embeddings kept in the LRU cache")
+    serve.add_argument("--document-cache-mib", type=float, default=64.0,
+                       help="JSON text of recently returned documents kept, in MiB (0 encodes every hit anew)")
     serve.add_argument("--max-queries-per-request", type=int, default=512)
     serve.add_argument("--max-query-chars", type=int, default=2048)
     serve.add_argument("--max-topk", type=int, default=100)
@@ -140,7 +142,8 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
                           search_devices=tuple(d for d in args.search_devices.split(",") if d),
                           omp_threads=args.omp_threads, torch_threads=args.torch_threads, nprobe=args.nprobe,
                           ef_search=args.ef_search, corpus=args.corpus, verify_checksums=args.verify_checksums,
-                          cache_size=args.cache_size, mmap_index=not args.no_mmap, check_memory=not args.skip_memory_check,
+                          cache_size=args.cache_size, document_cache_mib=args.document_cache_mib,
+                          mmap_index=not args.no_mmap, check_memory=not args.skip_memory_check,
                           reserve_memory_gib=args.reserve_memory_gib, ray=_ray_placement(args))
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
                               request_timeout_s=args.request_timeout)

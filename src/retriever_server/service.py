@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -41,6 +42,7 @@ from retriever_server.plan import (
     plan_index,
     require_placement,
 )
+from retriever_server.responses import DocumentJson, render_body
 from retriever_server.sharded import LocalShard, ShardedCorpus, ShardedRetriever
 from retriever_server.sharding import read_shards
 
@@ -64,6 +66,7 @@ class LoadOptions:
     corpus: str | None = None  # default: corpus.arrow in the index folder
     verify_checksums: bool = False
     cache_size: int = 100_000
+    document_cache_mib: float = 64.0  # JSON text of recently returned documents (responses.py)
     mmap_index: bool = True  # faiss codes memory-mapped from the index file rather than read into memory
     check_memory: bool = True  # refuse, before loading, an index whose plan does not fit (see plan.py)
     reserve_memory_gib: float = 0.0  # memory on each device to keep free for other processes
@@ -85,6 +88,7 @@ class RetrievalService:
         self.manifest: Manifest | None = None
         self.corpus: Corpus | None = None
         self.batcher: DynamicBatcher | None = None
+        self.document_json: DocumentJson | None = None
         self.threads: dict[str, int] | None = None
         self._loading_status = lambda: None  # while Ray Serve deploys the shards: their states
 
@@ -111,7 +115,8 @@ class RetrievalService:
             self.state, self.error = "failed", str(err)
             raise
         self.manifest, self.corpus = manifest, corpus
-        self.batcher = DynamicBatcher(retriever, self.batching, self.metrics)
+        self.document_json = DocumentJson(corpus, int(self.options.document_cache_mib * 2**20))
+        self.batcher = DynamicBatcher(retriever, self.batching, self.metrics, self.document_json.fragments)
         self.batcher.start()
         self.state = "ready"
         logger.info("loaded %d passages from %s (%s)", len(corpus), self.index_dir, retriever.description)
@@ -203,13 +208,17 @@ class RetrievalService:
         return ShardedRetriever(shards, manifest.corpus["count"], self.metrics, embed, description, status,
                                 on_close)
 
+    def search_body(self, queries: list[str], k: int, return_scores: bool) -> str:
+        """The ``/retrieve`` response body for these queries, through the batcher."""
+        answer = self.batcher.search(queries, k)
+        return render_body(answer.positions.tolist(), answer.scores.tolist(), answer.fragments, return_scores)
+
     def search(self, queries: list[str], k: int) -> tuple[list[list[dict]], list[list[float]]]:
-        """Documents and scores per query, through the batcher."""
-        scores, positions = self.batcher.search(queries, k)
+        """Documents and scores per query, through the batcher (for callers in Python)."""
+        answer = self.batcher.search(queries, k)
         rows = [[(p, s) for p, s in zip(position_row, score_row) if p >= 0]
-                for score_row, position_row in zip(scores.tolist(), positions.tolist())]
-        found = iter(self.corpus.documents([p for row in rows for p, _ in row]))  # one lookup for the request
-        documents = [[next(found) for _ in row] for row in rows]
+                for score_row, position_row in zip(answer.scores.tolist(), answer.positions.tolist())]
+        documents = [[json.loads(answer.fragments[p]) for p, _ in row] for row in rows]
         return documents, [[round(float(s), 6) for _, s in row] for row in rows]
 
     def health(self) -> dict:

@@ -93,11 +93,3 @@ def _parse_topk(topk, limits: RequestLimits, default_topk: int) -> int:
     if not 1 <= int(topk) <= limits.max_topk:
         raise RequestError(400, f"'topk' must be between 1 and {limits.max_topk}, got {int(topk)}", "bad_topk")
     return int(topk)
-
-
-def format_results(documents: list[list[dict]], scores: list[list[float]], return_scores: bool) -> dict:
-    """The response body: one list per query, document objects with or without their scores."""
-    if return_scores:
-        return {"result": [[{"document": doc, "score": score} for doc, score in zip(docs, row)]
-                           for docs, row in zip(documents, scores)]}
-    return {"result": documents}

@@ -1,5 +1,6 @@
 """The dynamic batcher around the real dense retriever of the demo index."""
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,6 +9,8 @@ import pytest
 
 from retriever_server.backends import EmbeddingCache
 from retriever_server.batcher import BatcherStopped, BatchingConfig, DynamicBatcher
+from retriever_server.corpus import CORPUS_NAME, Corpus
+from retriever_server.responses import DocumentJson
 from retriever_server.service import LoadOptions, RetrievalService
 
 
@@ -62,9 +65,9 @@ def test_concurrent_requests_share_batches_and_identical_queries_are_searched_on
     assert len(searched) == len(set(searched))
     assert searched.count("Who designed the Eiffel Tower?") == len(recorder.calls)
     alone = dense_retriever.search(["Who designed the Eiffel Tower?"], 3)
-    for scores, positions in results:
-        assert scores.shape == positions.shape == (2, 3)
-        np.testing.assert_array_equal(positions[0], alone[1][0])
+    for answer in results:
+        assert answer.scores.shape == answer.positions.shape == (2, 3)
+        np.testing.assert_array_equal(answer.positions[0], alone[1][0])
 
 
 def test_each_request_gets_its_own_topk_from_a_shared_search(dense_retriever):
@@ -72,8 +75,8 @@ def test_each_request_gets_its_own_topk_from_a_shared_search(dense_retriever):
     batcher = _batcher(recorder, max_wait_ms=50)
     small, large = _concurrently(batcher, [(["the Nile"], 1), (["the Nile"], 5)])
     batcher.stop()
-    assert small[1].shape == (1, 1) and large[1].shape == (1, 5)
-    assert small[1][0, 0] == large[1][0, 0]
+    assert small.positions.shape == (1, 1) and large.positions.shape == (1, 5)
+    assert small.positions[0, 0] == large.positions[0, 0]
     assert max(k for _, k in recorder.calls) == 5
 
 
@@ -85,7 +88,7 @@ def test_a_failing_search_fails_every_waiting_request_and_the_batcher_goes_on(de
         errors = [f.exception(timeout=30) for f in futures]
     assert all(isinstance(e, RuntimeError) and "index unavailable" in str(e) for e in errors)
     recorder.fail = False
-    assert batcher.search(["the Nile"], 2)[1].shape == (1, 2)
+    assert batcher.search(["the Nile"], 2).positions.shape == (1, 2)
     batcher.stop()
     with pytest.raises(BatcherStopped):
         batcher.search(["late"], 3)
@@ -110,3 +113,49 @@ def test_embedding_cache_is_least_recently_used():
     disabled = EmbeddingCache(capacity=0)
     disabled.put("a", np.ones(2))
     assert disabled.get("a") is None
+
+
+class CountingCorpus:
+    """The demo corpus, counting the lookups made of it and the positions asked for."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def documents(self, positions):
+        self.calls.append(list(positions))
+        return self.inner.documents(positions)
+
+
+def test_a_batch_makes_one_document_lookup_for_all_its_requests(demo_index, dense_retriever):
+    corpus = CountingCorpus(Corpus(demo_index / CORPUS_NAME))
+    documents = DocumentJson(corpus)
+    recorder = RecordingRetriever(dense_retriever)
+    batcher = DynamicBatcher(recorder, BatchingConfig(max_wait_ms=200), recorder.inner.metrics, documents.fragments)
+    batcher.start()
+    requests = [([f"river number {i}", "the Eiffel Tower", f"a painter {i}"], 3) for i in range(12)]
+    answers = _concurrently(batcher, requests)
+    batcher.stop()
+    assert len(corpus.calls) == len(recorder.calls) < len(requests)  # one lookup per batch, not per request
+    assert all(len(call) == len(set(call)) for call in corpus.calls)  # each document fetched once a batch
+    for answer in answers:
+        for position in answer.positions.ravel().tolist():
+            assert json.loads(answer.fragments[position]) == corpus.inner.documents([position])[0]
+
+
+def test_a_failing_document_lookup_fails_its_batch_only(demo_index, dense_retriever):
+    class Flaky(CountingCorpus):
+        fail = True
+
+        def documents(self, positions):
+            if self.fail:
+                raise IndexError("documents unavailable")
+            return super().documents(positions)
+
+    corpus = Flaky(Corpus(demo_index / CORPUS_NAME))
+    batcher = DynamicBatcher(dense_retriever, BatchingConfig(), dense_retriever.metrics, DocumentJson(corpus).fragments)
+    batcher.start()
+    with pytest.raises(IndexError, match="documents unavailable"):
+        batcher.search(["the Nile"], 2)
+    corpus.fail = False
+    assert len(batcher.search(["the Nile"], 2).fragments) == 2
+    batcher.stop()
