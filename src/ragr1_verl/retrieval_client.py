@@ -33,9 +33,9 @@ import random
 import threading
 import time
 import weakref
-from urllib.parse import urljoin
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from urllib.parse import urljoin
 
 import aiohttp
 

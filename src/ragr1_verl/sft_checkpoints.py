@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("best: %s -> %s", target, best.path.name)
     if args.print_model_path:
         try:
-            print(hf_model_path(best))
+            print(hf_model_path(best))  # noqa: T201 - the path is this flag's output, for scripts
         except CheckpointSelectionError as err:
             logger.error("error: %s", err)
             return 2

@@ -30,9 +30,10 @@ def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Resp
     return Response(json.dumps(payload), status=status, mimetype="application/json", headers=headers)
 
 
-def create_app(service: RetrievalService, *, limits: RequestLimits = RequestLimits(), default_topk: int = 3,
+def create_app(service: RetrievalService, *, limits: RequestLimits | None = None, default_topk: int = 3,
                auth_token: str | None = None) -> Flask:
     """Build the app around a service (loaded, or loading in the background)."""
+    limits = limits or RequestLimits()
     app = Flask("ragr1_retriever", static_folder=None)  # no /static route serving the working directory
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
     metrics = service.metrics

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 
-
 def shipped_config(name: str) -> str:
     """A YAML of ``ragr1_verl/configs`` as a recipe would name it: relative to ``site-packages`` where verl's
     ``resolve_config_path`` finds it (a regular install), else absolute (an editable install)."""

@@ -16,7 +16,6 @@ from tests.ragr1_verl.fakes import ScriptedLLM, scripted
 from tests.ragr1_verl.rollout import compose_trainer_config, run, shipped_config
 
 
-
 def tool_yaml(tmp_path, retriever, **config) -> str:
     with open(resolve_config_path(shipped_config("tool_config.yaml"))) as handle:
         shipped = yaml.safe_load(handle)

@@ -42,7 +42,7 @@ def main(index_dir: str, requests: int, trim: bool) -> None:
     start = resident_bytes()
     run_load(service, requests, seed=2)
     end = resident_bytes()
-    print(json.dumps({"start": start, "end": end, "trims": service.batcher.heap.trims}))
+    sys.stdout.write(json.dumps({"start": start, "end": end, "trims": service.batcher.heap.trims}) + "\n")
     service.close()
 
 

@@ -22,6 +22,7 @@ from retriever_server.sharding import shard_index
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 from ray.util.state import list_actors  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 QUESTIONS = [question["question"] for question in load_demo_questions()]

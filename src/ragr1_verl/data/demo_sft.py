@@ -70,9 +70,9 @@ def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
     """
     from transformers import AutoTokenizer
 
+    from ragr1_verl.cpu.assets import ensure_demo_model
     from retriever_server.demo import ensure_demo_index
     from retriever_server.http_server import serving
-    from ragr1_verl.cpu.assets import ensure_demo_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
