@@ -4,8 +4,8 @@ What it measures
 ----------------
 1. **Raw limit.** The loaded service's retriever called directly (``encoder.encode_queries`` then
    ``searcher.search``), bypassing HTTP, the batcher and the embedding cache, on batches of fresh queries
-   (``--raw-batches``, default 64, 128 and 256). The best queries/s is the ceiling the server is compared
-   with.
+   (``--raw-batches``, default 1, 3, 64, 128 and 256). The best queries/s is the ceiling the server is
+   compared with; batches of 1 and 3 are what one client alone can get.
 2. **Server.** The real server in this process: ``RetrievalService`` + ``create_app`` + ``WaitressServer``
    on a free 127.0.0.1 port. Clients post ``/retrieve`` requests of 1 or 3 queries
    (``--queries-per-request``) at each concurrency (``--concurrency``), each cell for ``--seconds`` after a
@@ -17,6 +17,9 @@ Per cell it reports requests/s, queries/s, p50/p99 request latency, errors, % of
 server's ``/metrics`` (deltas over the cell): average distinct queries per batch, embedding-cache hit rate,
 and how busy the batcher thread was (encode + search seconds / wall seconds). It also reports the CPU
 cores used by the server process and by the load generator.
+3. **One large request.** After the cells, ``--large-repeats`` requests of ``--large-request`` (default 512)
+   fresh queries each, one at a time, against the raw encode + search of as many fresh queries in one
+   batch: what the server adds to a large request.
 
 The load generator
 ------------------
@@ -27,15 +30,23 @@ client thread (``--client-lib``). Either way, on a machine with few cores the cl
 SERVER FOR CPU: on 2 cores the numbers are a lower bound on what the server does with a client elsewhere.
 The header shows the core count and the client's CPU use per cell shows how much it took.
 
+Pinned mode
+-----------
+``--pinned`` puts the server (this process, before the index is loaded, so its thread pools are sized from
+its affinity as a Slurm or Kubernetes CPU limit would size them) on the first CPU this process may use and
+the load generator on the second; ``--server-cpus`` and ``--client-cpus`` choose others. The raw limit is
+then measured on the server's CPUs too, so every cell compares the server with what the same core does
+without HTTP. This is the reproducible setting: the client never competes with the server.
+
 The index
 ---------
-A synthetic, deterministic corpus of ``--passages`` templated passages (default 20000) is indexed with the
+A synthetic, deterministic corpus of ``--passages`` templated passages (default 100000) is indexed with the
 ``minilm`` encoder and a faiss ``--index-type`` (default ``Flat``) in ``--workdir`` (default
-/tmp/ragr1-bench). The first run builds it (about 2.5 minutes for 20k passages on 2 cores); later runs
+/tmp/ragr1-bench). The first run builds it (about 13 minutes for 100k passages on 2 cores); later runs
 reuse it. ``--index DIR`` serves an existing index folder instead.
 
 Run ``python benchmarks/bench_retriever.py --help`` from the repository root. With the defaults it takes
-about 4 minutes on a 2-core machine the first time (build included) and 1.5 minutes after that. It talks
+about 2.5 minutes on a 2-core machine once the index is built. It talks
 only to 127.0.0.1, stops by itself (every request loop is bounded by time), writes the results as JSON with
 ``--json PATH``, and exits with status 1 if any request failed. ``--max-wait-ms``, ``--max-batch-queries``,
 ``--http-threads``, ``--omp-threads``, ``--torch-threads`` and ``--encoder-batch-size`` are passed to the
@@ -270,6 +281,7 @@ class CellSpec:
     client_lib: str
     server_pid: int
     request_timeout_s: float = 60.0
+    client_cpus: tuple[int, ...] = ()  # pinned mode: the load generator's CPUs
 
 
 @dataclass
@@ -369,6 +381,32 @@ def run_phase(spec: CellSpec, stream: QueryStream, seconds: float) -> tuple[Tall
     return _requests_phase(spec, stream, seconds)
 
 
+def pin(cpus: tuple[int, ...]) -> None:
+    """Keep this process (and the threads it starts) on ``cpus``; nothing when empty."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def run_large_requests(url: str, batches: list[list[str]], topk: int, client_cpus: tuple[int, ...]) -> dict:
+    """One request per batch, one after another: each request's latency and any error."""
+    pin(client_cpus)
+    latencies, errors = [], []
+    for queries in batches:
+        body = json.dumps({"queries": queries, "topk": topk}).encode()
+        request = urllib.request.Request(f"{url}/retrieve", data=body,
+                                         headers={"Content-Type": "application/json"})
+        started = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                error = check_response(reply.status, reply.read(), len(queries), topk)
+        except OSError as err:  # urllib's HTTPError and URLError are OSErrors
+            error = f"{type(err).__name__}: {err}"
+        latencies.append(time.perf_counter() - started)
+        if error:
+            errors.append(error)
+    return {"latencies": latencies, "errors": errors}
+
+
 def scrape_metrics(url: str) -> dict[str, float]:
     """The unlabelled samples of ``/metrics`` (counters and histogram sums/counts) by name."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
@@ -383,6 +421,7 @@ def scrape_metrics(url: str) -> dict[str, float]:
 
 def run_cell(spec: CellSpec) -> dict:
     """Warm up, then load the server for ``spec.seconds``; the raw client-side numbers and metric deltas."""
+    pin(spec.client_cpus)
     stream = QueryStream(spec.next_fresh, spec.repeat_floor, spec.repeat_fraction, spec.seed)
     warm, _ = run_phase(spec, stream, spec.warmup_s)
     before, repeats = scrape_metrics(spec.url), stream.repeats
@@ -450,15 +489,16 @@ def make_executor(args: argparse.Namespace) -> Executor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-client")
 
 
-def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: int) -> list[dict]:
-    """Every (concurrency, queries-per-request) cell, in order, each continuing the same query stream."""
+def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: int) -> tuple[list[dict], int]:
+    """Every (concurrency, queries-per-request) cell, in order, each continuing the same query stream; the
+    rows and the next query number never sent."""
     rows, repeat_floor = [], next_fresh
     with make_executor(args) as executor:
         for number, (concurrency, per_request) in enumerate(
                 (c, q) for c in args.concurrency for q in args.queries_per_request):
             spec = CellSpec(url, concurrency, per_request, args.warmup, args.seconds, args.topk, next_fresh,
                             repeat_floor, args.repeat_fraction, args.seed + number, args.client_lib,
-                            os.getpid())
+                            os.getpid(), client_cpus=args.client_cpus)
             raw = executor.submit(run_cell, spec).result(timeout=args.warmup + args.seconds + 180)
             next_fresh = raw["next_fresh"]
             row = summarize_cell(concurrency, per_request, raw, args.client_mode)
@@ -468,7 +508,26 @@ def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: 
             print(f"  concurrency {concurrency:3d} x {per_request} queries: "
                   f"{row['queries_per_s']:7.0f} queries/s ({100 * row['raw_limit_fraction']:.0f}% of raw), "
                   f"p99 {row['p99_ms']:.0f} ms, {row['errors']} errors", flush=True)
-    return rows
+    return rows, next_fresh
+
+
+def measure_large_request(args: argparse.Namespace, url: str, retriever, stream: QueryStream) -> dict:
+    """``--large-request`` fresh queries in one request, ``--large-repeats`` times, against the raw
+    encoder + search cost of the same number of fresh queries in one batch, measured just before."""
+    size, repeats = args.large_request, args.large_repeats
+    raw = sorted(sum(_raw_search(retriever, stream.fresh(size), args.topk)) for _ in range(repeats))
+    batches = [stream.fresh(size) for _ in range(repeats)]
+    with make_executor(args) as executor:
+        served = executor.submit(run_large_requests, url, batches, args.topk, args.client_cpus).result(
+            timeout=repeats * 150)
+    latency = sorted(served["latencies"])
+    median_raw, median_latency = raw[len(raw) // 2], latency[len(latency) // 2]
+    print(f"  one {size}-query request: {median_latency:.2f} s (raw encode + search {median_raw:.2f} s, "
+          f"above raw {median_latency - median_raw:+.2f} s), {len(served['errors'])} errors", flush=True)
+    return {"queries": size, "repeats": repeats, "latency_s": latency, "raw_s": raw,
+            "median_latency_s": median_latency, "median_raw_s": median_raw,
+            "above_raw_s": median_latency - median_raw, "errors": len(served["errors"]),
+            "error_samples": served["errors"][:5]}
 
 
 def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
@@ -481,6 +540,7 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
     options = LoadOptions(omp_threads=args.omp_threads, torch_threads=args.torch_threads,
                          encoder_batch_size=args.encoder_batch_size)
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms)
+    pin(args.server_cpus)  # before loading: the service sizes its thread pools from its affinity
     service = RetrievalService(index_dir, options, batching)
     service.load()
     server = None
@@ -495,8 +555,11 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
         server.start_in_thread()
         print(f"serving on {server.url}; {len(args.concurrency) * len(args.queries_per_request)} cells of "
               f"{args.warmup:g} s warm-up + {args.seconds:g} s", flush=True)
-        rows = run_cells(args, server.url, raw["best_queries_per_s"], stream.next_fresh)
-        return {"index": describe_index(service), "raw_limit": raw, "cells": rows}
+        rows, stream.next_fresh = run_cells(args, server.url, raw["best_queries_per_s"], stream.next_fresh)
+        large = measure_large_request(args, server.url, service.batcher.retriever, stream) \
+            if args.large_request else None
+        return {"index": describe_index(service), "threads": service.threads, "raw_limit": raw, "cells": rows,
+                "large_request": large}
     finally:
         if server is not None:
             server.stop()
@@ -512,7 +575,9 @@ def describe_machine(args: argparse.Namespace) -> dict:
     import torch
 
     cores = os.cpu_count() or 1
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    usable = cores
+    if hasattr(os, "sched_getaffinity"):  # before any pinning: the benchmark's own process may have moved
+        usable = len(os.sched_getaffinity(0) | set(args.server_cpus) | set(args.client_cpus))
     return {"cpu": cpu_model(), "cores": cores, "usable_cores": usable, "ram_gib": _ram_gib(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "faiss": faiss.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
@@ -554,16 +619,29 @@ def print_header(machine: dict, results: dict, args: argparse.Namespace) -> None
           f"{machine['date']}")
     client = f"load generator: {args.client_lib} in a separate process" if args.client_mode == "process" \
         else f"load generator: {args.client_lib} threads inside the server process (shares its GIL)"
-    print(f"- {client}; it shares the {machine['usable_cores']} cores with the server, so the server numbers "
-          "are a lower bound on a machine where the client runs elsewhere")
+    if args.server_cpus:
+        where = f"pinned to CPUs {list(args.client_cpus) or 'any'}; server pinned to CPUs {list(args.server_cpus)}"
+        print(f"- {client}, {where}; server threads: {results['threads']}")
+    else:
+        print(f"- {client}; it shares the {machine['usable_cores']} cores with the server, so the server "
+              "numbers are a lower bound on a machine where the client runs elsewhere")
     print(f"- index: {index['passages']} passages, {index['kind']} {index['index_type']}, encoder "
           f"{index['encoder']}, backend {index['backend']}")
     print(f"- server: max_wait_ms={args.max_wait_ms:g}, max_batch_queries={args.max_batch_queries}, "
-          f"http threads={args.http_threads}, omp_threads={args.omp_threads or 'all'}, "
-          f"torch_threads={args.torch_threads or 'all'}, encoder batch={args.encoder_batch_size}, "
+          f"http threads={args.http_threads}, omp_threads={args.omp_threads or 'usable CPUs'}, "
+          f"torch_threads={args.torch_threads or 'usable CPUs'}, encoder batch={args.encoder_batch_size}, "
           f"topk={args.topk}, repeat fraction={args.repeat_fraction:g}")
     print(f"- raw batched encoder+search limit: {raw['best_queries_per_s']:.0f} queries/s "
           f"(best of batches {', '.join(raw['per_batch'])}: batch {raw['best_batch']})\n")
+
+
+def print_large(large: dict | None) -> None:
+    if large is None:
+        return
+    print(f"\nOne {large['queries']}-query request (median of {large['repeats']}): "
+          f"{large['median_latency_s']:.2f} s end to end; the raw encode + search of {large['queries']} fresh "
+          f"queries in one batch: {large['median_raw_s']:.2f} s; above raw: {large['above_raw_s']:+.2f} s; "
+          f"{large['errors']} errors.")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -607,7 +685,7 @@ def default_client_lib() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("index")
-    data.add_argument("--passages", type=int, default=20_000, help="synthetic corpus size")
+    data.add_argument("--passages", type=int, default=100_000, help="synthetic corpus size")
     data.add_argument("--index-type", default="Flat", help="faiss index-factory string for the built index")
     data.add_argument("--encoder", default="minilm", help="encoder for the built index")
     data.add_argument("--workdir", default="/tmp/ragr1-bench", help="where the built index is cached")
@@ -625,22 +703,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="run the load generator in a child process or in threads of the server process")
     load.add_argument("--client-lib", choices=("aiohttp", "requests"), default=default_client_lib(),
                       help="HTTP client of the load generator")
-    load.add_argument("--raw-batches", type=int_list, default="64,128,256",
+    load.add_argument("--raw-batches", type=int_list, default="1,3,64,128,256",
                       help="batch sizes for the raw limit")
     load.add_argument("--raw-seconds", type=float, default=3.0, help="seconds per raw batch size")
     load.add_argument("--seed", type=int, default=1234, help="seed of the query stream")
+    load.add_argument("--large-request", type=int, default=512,
+                      help="after the cells, time one request of this many fresh queries (0: skip)")
+    load.add_argument("--large-repeats", type=int, default=3, help="how many such requests (median reported)")
+    pinning = parser.add_argument_group("pinning (Linux)")
+    pinning.add_argument("--pinned", action="store_true",
+                         help="server on the first CPU this process may use, load generator on the second")
+    pinning.add_argument("--server-cpus", type=cpu_list, default=(), help="pin the server to these CPUs")
+    pinning.add_argument("--client-cpus", type=cpu_list, default=(),
+                         help="pin the load generator to these CPUs")
     server = parser.add_argument_group("server (BatchingConfig / LoadOptions)")
     server.add_argument("--max-wait-ms", type=float, default=1.0, help="batcher wait for more requests")
     server.add_argument("--max-batch-queries", type=int, default=512, help="most queries in one batch")
     server.add_argument("--http-threads", type=int, default=128, help="waitress worker threads")
-    server.add_argument("--omp-threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
-    server.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
+    server.add_argument("--omp-threads", type=int, default=0,
+                        help="faiss OpenMP threads (0: the CPUs the server may use)")
+    server.add_argument("--torch-threads", type=int, default=0,
+                        help="torch intra-op threads (0: the CPUs the server may use)")
     server.add_argument("--encoder-batch-size", type=int, default=128, help="encoder forward-pass batch")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     if not 0.0 <= args.repeat_fraction < 1.0:
         parser.error("--repeat-fraction must be in [0, 1)")
+    if args.pinned:
+        usable = sorted(os.sched_getaffinity(0))
+        if len(usable) < 2:
+            parser.error(f"--pinned needs two CPUs; this process may use {usable}")
+        args.server_cpus, args.client_cpus = args.server_cpus or (usable[0],), args.client_cpus or (usable[1],)
+    if set(args.server_cpus) & set(args.client_cpus):
+        parser.error("--server-cpus and --client-cpus overlap")
     return args
+
+
+def cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        cpus = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        cpus = ()
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated CPU numbers, got {text!r}")
+    return cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine(args)
     print_header(machine, results, args)
     print_table(results["cells"])
-    errors = sum(row["errors"] for row in results["cells"])
+    print_large(results["large_request"])
+    errors = sum(row["errors"] for row in results["cells"]) + (results["large_request"] or {}).get("errors", 0)
     print(f"\n{errors} failed requests; total run time {time.perf_counter() - started:.0f} s")
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
