@@ -281,10 +281,10 @@ def test_the_shipped_worker_yamls_sit_where_verl_resolves_them_after_a_regular_i
         assert (package_root / relative).is_file()
 
 
-def test_the_shipped_worker_yamls_resolve_from_src_in_the_editable_install(monkeypatch):
+def test_the_shipped_worker_yamls_resolve_from_the_checkout_in_the_editable_install(monkeypatch):
     from verl.utils.import_utils import resolve_config_path
 
-    monkeypatch.chdir(Path(ragr1_verl.__file__).parent.parent)  # src/ in the editable install
+    monkeypatch.chdir(Path(ragr1_verl.__file__).parent.parent)  # the checkout, in the editable install
     resolved = resolve_config_path("ragr1_verl/configs/agent_loop.yaml")
     assert Path(resolved) == Path(ragr1_verl.__file__).parent / "configs" / "agent_loop.yaml"
 
