@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -129,7 +128,7 @@ class _TokenizerState:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         # The Rust tokenizer of a fast tokenizer, called directly: transformers' wrapper costs ~1 ms a search.
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.codec = protocol.policy_codec(tokenizer)
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self._encoded: dict[str, list[int]] = {}
 
@@ -141,36 +140,10 @@ class _TokenizerState:
         return state
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.codec.decode(ids)
 
     def encode(self, text: str) -> list[int]:
-        if self.backend is not None:
-            return self.backend.encode(text, add_special_tokens=False).ids
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def encode_observation(self, queries: Sequence[str], documents: Sequence[Sequence[dict]], *,
-                           mode: protocol.Mode, observation_format: protocol.ObservationFormat,
-                           max_tokens_per_unit: int) -> list[int]:
-        """The tokens of one search's ``<information>`` block, each query's documents cut to a token budget.
-
-        The budget counts a unit's tokens as they stand in the observation (after JSON escaping). The block is
-        encoded once; only when a unit is over budget is it cut at the offset of its last allowed token and
-        the block encoded again. (A slow tokenizer, without offsets, cuts each unit's raw text instead.)
-        """
-        units = protocol.document_units(documents, mode, observation_format)
-        layout_options = {"mode": mode, "observation_format": observation_format}
-        if self.backend is None:
-            truncate = protocol.token_truncator(self.tokenizer, max_tokens_per_unit)
-            return self.encode(protocol.layout_observation(queries, [truncate(unit) for unit in units],
-                                                           **layout_options).text)
-        layout = protocol.layout_observation(queries, units, **layout_options)
-        encoding = self.backend.encode(layout.text, add_special_tokens=False)
-        cuts = _cuts_over_budget(layout.spans, encoding.offsets, max_tokens_per_unit)
-        if not cuts:
-            return encoding.ids
-        units = [protocol.unit_prefix(unit, cuts[index], layout.json_escaped) if index in cuts else unit
-                 for index, unit in enumerate(units)]
-        return self.encode(protocol.layout_observation(queries, units, **layout_options).text)
+        return self.codec.encode(text)
 
     def encode_fixed(self, text: str) -> list[int]:
         """Encodings of the loop's fixed messages (reminders), cached."""
@@ -180,17 +153,12 @@ class _TokenizerState:
         return ids
 
 
-def _cuts_over_budget(spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]],
-                      budget: int) -> dict[int, int]:
-    """For each span holding more than ``budget`` tokens: its index -> characters kept (through the last
-    allowed token). A token belongs to the span its first character is in."""
-    starts = [start for start, _ in offsets]
-    cuts = {}
-    for index, (begin, end) in enumerate(spans):
-        first, stop = bisect_left(starts, begin), bisect_left(starts, end)
-        if stop - first > budget:
-            cuts[index] = offsets[first + budget - 1][1] - begin
-    return cuts
+def observation_ids(tokens: _TokenizerState, config: RagR1Config, queries: Sequence[str],
+                    documents: Sequence[Sequence[dict]]) -> list[int]:
+    """The tokens of one search's ``<information>`` block: the text the SFT teachers write for it, encoded."""
+    renderer = protocol.ObservationRenderer(config.mode, config.observation_format, tokens.codec,
+                                            config.max_obs_tokens_per_query)
+    return tokens.encode(renderer.render(queries, documents))
 
 
 _CONFIGS: dict[int, tuple[Any, RagR1Config, str | None]] = {}
@@ -324,9 +292,7 @@ class RagR1AgentLoop(AgentLoopBase):
             stats.retrieval_failures += 1
             logger.warning("retrieval failed, the rollout goes on without results: %s", result.error)
             return self.tokens.encode(protocol.retrieval_failed(result.error or "unknown error"))
-        return self.tokens.encode_observation(queries.queries, result.documents, mode=self.settings.mode,
-                                              observation_format=self.settings.observation_format,
-                                              max_tokens_per_unit=self.settings.max_obs_tokens_per_query)
+        return observation_ids(self.tokens, self.settings, queries.queries, result.documents)
 
     def _prompt_messages(self, raw_prompt: Any, extra_info: Any) -> list[dict[str, Any]]:
         """The dataset's chat messages; with ``ragr1.prompt_template`` set, the last user message is re-rendered

@@ -2,13 +2,14 @@
 
 The model reasons in ``<think>...</think>``, then either searches, ``<search> q1, q2, q3 </search>``, or
 answers, ``<answer> ... </answer>``. Search results come back between ``<information>`` and
-``</information>``. Nothing here imports verl or a tokenizer library: truncation takes any tokenizer with
-``encode``/``decode``.
+``</information>``. Nothing here imports verl or a tokenizer library: the budget of retrieved text takes any
+tokenizer with ``encode``/``decode``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -241,52 +242,89 @@ def documents_text(documents: Sequence[dict], observation_format: ObservationFor
     return "\n".join(lines).strip()
 
 
-class TokenizerLike(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+class Codec(Protocol):
+    """The policy's tokenizer as the budget of retrieved text counts it (see :func:`policy_codec`)."""
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def encode(self, text: str) -> list[int]: ...
 
-
-def token_truncator(tokenizer: TokenizerLike, max_tokens: int) -> Callable[[str], str]:
-    """A function that cuts text to at most ``max_tokens`` tokens of the policy's tokenizer."""
-
-    def truncate(text: str) -> str:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= max_tokens:
-            return text
-        return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
-
-    return truncate
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
-def _no_truncation(text: str) -> str:
-    return text
+class _TokenizerCodec:
+    """A Hugging Face (or any ``encode``/``decode``) tokenizer as a :class:`Codec`: the Rust tokenizer when it
+    has one, as the rollout and the SFT dataset encode observations, and no special tokens either way."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+
+    def encode(self, text: str) -> list[int]:
+        if self.backend is not None:
+            return list(self.backend.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def policy_codec(tokenizer) -> Codec:
+    return _TokenizerCodec(tokenizer)
 
 
 def wrap_information(body: str) -> str:
     return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"
 
 
-def render_observation(queries: Sequence[str], documents: Sequence[Sequence[dict]], *, mode: Mode = "mq",
-                       observation_format: ObservationFormat = "ragr1",
-                       truncate: Callable[[str], str] = _no_truncation) -> str:
-    """The ``<information>`` block for one search (see :func:`observation_body`)."""
-    return wrap_information(observation_body(queries, documents, mode=mode, observation_format=observation_format,
-                                             truncate=truncate))
-
-
-def observation_body(queries: Sequence[str], documents: Sequence[Sequence[dict]], *, mode: Mode = "mq",
-                     observation_format: ObservationFormat = "ragr1",
-                     truncate: Callable[[str], str] = _no_truncation) -> str:
-    """The search results of one search as text, without the ``<information>`` tags.
+@dataclass(frozen=True)
+class ObservationRenderer:
+    """The one way search results become an observation: the rollout, the search tool, the SFT teachers and
+    the evaluation all render with it, so SFT rows and RL observations hold the same text, hence the same
+    tokens.
 
     ``ragr1`` in mq mode is RAG-R1's JSON object ``{"query": [...], "documents": [...]}`` (indent 2,
-    ASCII-escaped as ``json.dumps`` does by default), one document string per query, each cut by
-    ``truncate`` (per query: ``max_obs_tokens_per_query``). In sq mode, and in the ``search_r1`` format, the
-    documents are plain lines, cut by ``truncate`` as a whole in sq mode and per query otherwise.
+    ASCII-escaped as ``json.dumps`` does by default), one document string per query. In sq mode, and in the
+    ``search_r1`` format, the documents are plain lines. A *unit* (one query's documents, or all of them in
+    sq mode) keeps at most ``max_tokens_per_unit`` tokens of ``codec`` (the policy's tokenizer), counted on
+    the unit as it stands in the observation, JSON escapes included, encoded on its own. Without a codec
+    nothing is cut.
     """
-    units = [truncate(unit) for unit in document_units(documents, mode, observation_format)]
-    return _layout_body(queries, units, mode, observation_format).text
+
+    mode: Mode = "mq"
+    observation_format: ObservationFormat = "ragr1"
+    codec: Codec | None = None
+    max_tokens_per_unit: int = 1000
+
+    @property
+    def json_escaped(self) -> bool:
+        return self.observation_format == "ragr1" and self.mode == "mq"
+
+    def render(self, queries: Sequence[str], documents: Sequence[Sequence[dict]]) -> str:
+        """The ``<information>`` block of one search."""
+        return wrap_information(self.body(queries, documents))
+
+    def body(self, queries: Sequence[str], documents: Sequence[Sequence[dict]]) -> str:
+        """The block's content, without the tags (a tool response)."""
+        units = [self._within_budget(unit) for unit in document_units(documents, self.mode,
+                                                                       self.observation_format)]
+        return _layout_body(queries, units, self.mode, self.observation_format)
+
+    def _within_budget(self, unit: str) -> str:
+        if self.codec is None:
+            return unit
+        rendered = json.dumps(unit)[1:-1] if self.json_escaped else unit
+        ids = self.codec.encode(rendered)
+        if len(ids) <= self.max_tokens_per_unit:
+            return unit
+        # The decoded prefix is the rendered text up to the last kept token; where a tokenizer does not decode
+        # back exactly, the common prefix keeps fewer characters, never more tokens.
+        kept = self.codec.decode(ids[:self.max_tokens_per_unit])
+        return unit_prefix(unit, len(os.path.commonprefix([rendered, kept])), self.json_escaped)
+
+
+def render_observation(queries: Sequence[str], documents: Sequence[Sequence[dict]], *, mode: Mode = "mq",
+                       observation_format: ObservationFormat = "ragr1") -> str:
+    """The ``<information>`` block of one search, nothing cut (:class:`ObservationRenderer` cuts)."""
+    return ObservationRenderer(mode, observation_format).render(queries, documents)
 
 
 def document_units(documents: Sequence[Sequence[dict]], mode: Mode, observation_format: ObservationFormat) -> list[str]:
@@ -295,71 +333,20 @@ def document_units(documents: Sequence[Sequence[dict]], mode: Mode, observation_
     return ["\n".join(per_query)] if mode == "sq" else per_query
 
 
-@dataclass(frozen=True)
-class ObservationLayout:
-    """Observation text and the character range ``[start, end)`` of each document unit in it.
-
-    With ``json_escaped`` the ranges hold the units as JSON string contents (``\\n``, ``\\u00e9``, ...).
-    """
-
-    text: str
-    spans: tuple[tuple[int, int], ...]
-    json_escaped: bool
-
-
-class _LayoutBuilder:
-    def __init__(self, offset: int = 0):
-        self.pieces: list[str] = []
-        self.spans: list[tuple[int, int]] = []
-        self.position = offset
-
-    def add(self, text: str, *, unit: bool = False) -> None:
-        if unit:
-            self.spans.append((self.position, self.position + len(text)))
-        self.pieces.append(text)
-        self.position += len(text)
-
-
-def _indented_json_list(items: Sequence[str], builder: _LayoutBuilder, *, units: bool) -> None:
+def _indented_json_list(items: Sequence[str]) -> str:
     """A list of strings exactly as ``json.dumps(..., indent=2)`` writes it at the second level."""
     if not items:
-        builder.add("[]")
-        return
-    for number, item in enumerate(items):
-        builder.add("[\n    \"" if number == 0 else "\",\n    \"")
-        builder.add(json.dumps(item)[1:-1], unit=units)
-    builder.add("\"\n  ]")
+        return "[]"
+    return "[\n    " + ",\n    ".join(json.dumps(item) for item in items) + "\n  ]"
 
 
 def _layout_body(queries: Sequence[str], units: Sequence[str], mode: Mode,
-                 observation_format: ObservationFormat, offset: int = 0) -> ObservationLayout:
-    builder = _LayoutBuilder(offset)
+                 observation_format: ObservationFormat) -> str:
     if observation_format == "ragr1" and mode == "mq":
-        builder.add('{\n  "query": ')
-        _indented_json_list(queries, builder, units=False)
-        builder.add(',\n  "documents": ')
-        _indented_json_list(units, builder, units=True)
-        builder.add("\n}")
-    elif mode == "sq":
-        builder.add(units[0], unit=True)
-    else:
-        for number, (query, unit) in enumerate(zip(queries, units, strict=True)):
-            builder.add(f"{chr(10) * 2 if number else ''}Results for: {query}\n")
-            builder.add(unit, unit=True)
-    json_escaped = observation_format == "ragr1" and mode == "mq"
-    return ObservationLayout("".join(builder.pieces), tuple(builder.spans), json_escaped)
-
-
-def layout_observation(queries: Sequence[str], units: Sequence[str], *, mode: Mode = "mq",
-                       observation_format: ObservationFormat = "ragr1") -> ObservationLayout:
-    """The ``<information>`` block built from :func:`document_units` (already cut), with each unit's range.
-
-    The rollout encodes this once and counts each unit's tokens from the tokenizer's offsets, so that the
-    per-query cap costs no extra tokenizer pass.
-    """
-    prefix = wrap_information("")[: len(INFORMATION_OPEN) + 2]
-    body = _layout_body(queries, units, mode, observation_format, offset=len(prefix))
-    return ObservationLayout(wrap_information(body.text), body.spans, body.json_escaped)
+        return f'{{\n  "query": {_indented_json_list(queries)},\n  "documents": {_indented_json_list(units)}\n}}'
+    if mode == "sq":
+        return units[0]
+    return "\n\n".join(f"Results for: {query}\n{unit}" for query, unit in zip(queries, units, strict=True))
 
 
 _SHORT_JSON_ESCAPES = frozenset('"\\\n\r\t\b\f')
@@ -402,9 +389,13 @@ def invalid_search(reason: str) -> str:
 BUDGET_EXHAUSTED = wrap_information("The search budget is used up: no more results. Give the final answer now.")
 
 
+def retrieval_failed_text(reason: str) -> str:
+    return f"The search failed ({reason}). No results are available for this search."
+
+
 def retrieval_failed(reason: str) -> str:
     """The observation when the retriever could not answer: the rollout goes on without results."""
-    return wrap_information(f"The search failed ({reason}). No results are available for this search.")
+    return wrap_information(retrieval_failed_text(reason))
 
 
 def strip_information(text: str) -> str:

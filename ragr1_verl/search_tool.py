@@ -63,16 +63,15 @@ class MultiQuerySearchTool(BaseTool):
         metrics: dict[str, Any] = {"queries": len(queries.queries), "duplicates_removed": queries.duplicates_removed,
                                    "queries_dropped": queries.dropped_over_cap}
         if queries.error is not None:
-            return ToolResponse(text=f"The search was not run: {queries.error}."), 0.0, metrics
+            return ToolResponse(text=protocol.invalid_search(queries.error).strip()), 0.0, metrics
         result = await shared_client(self.settings.retriever).search(queries.queries, self.settings.topk)
         metrics["retrieval_ms"] = result.elapsed_ms
         if not result.ok:
             logger.warning("retrieval failed: %s", result.error)
             metrics["retrieval_failed"] = True
-            return ToolResponse(text=f"The search failed ({result.error}). No results are available."), 0.0, metrics
-        text = protocol.observation_body(queries.queries, result.documents, mode=self.settings.mode,
-                                         observation_format=self.settings.observation_format)
-        return ToolResponse(text=text), 0.0, metrics
+            return ToolResponse(text=protocol.retrieval_failed_text(result.error or "unknown error")), 0.0, metrics
+        renderer = protocol.ObservationRenderer(self.settings.mode, self.settings.observation_format)
+        return ToolResponse(text=renderer.body(queries.queries, result.documents)), 0.0, metrics
 
     def _queries(self, parameters: dict[str, Any]) -> protocol.Queries:
         """``query_list`` as a list of strings; a single string is split like a ``<search>`` tag's content."""

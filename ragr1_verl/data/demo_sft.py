@@ -97,14 +97,13 @@ async def run_scripted(questions: Sequence[Any], config: RagR1Config, out_dir: P
                        *, concurrency: int = CONCURRENCY) -> Any:
     """``sft-generate``'s run with the scripted teacher: the rollout's round budget, sampling cap of
     ``max_tokens_per_turn`` policy tokens and per-query cut of retrieved text (with ``tokenizer``)."""
-    truncate, count = str, None
+    codec, count = None, None
     if tokenizer is not None:
-        truncate = protocol.token_truncator(tokenizer, config.max_obs_tokens_per_query)
-        count = token_counter(tokenizer)
+        codec, count = protocol.policy_codec(tokenizer), token_counter(tokenizer)
     settings = RunSettings(config, config.prompt_template or protocol.default_template(config.mode),
                            Sampling(0.0, 1.0, config.max_tokens_per_turn), concurrency, progress=False)
     teacher = ScriptedTeacher(questions, config, count)
-    return await generate(questions, settings, None, out_dir, truncate=truncate, teacher=teacher,
+    return await generate(questions, settings, None, out_dir, codec=codec, teacher=teacher,
                           teacher_fields=teacher.fields())
 
 

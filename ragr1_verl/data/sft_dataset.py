@@ -198,7 +198,7 @@ class RagR1SFTDataset(Dataset):
         self.eos_after_answer = bool(config.get("eos_after_answer", True))
         self.chat_template_kwargs = dict(config.get("apply_chat_template_kwargs", None) or {})
         self.tokenizer = _load_tokenizer(tokenizer)
-        self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._codec = protocol.policy_codec(self.tokenizer)
         if self.eos_after_answer and self.tokenizer.eos_token_id is None:
             raise ValueError("data.eos_after_answer is set but the tokenizer has no EOS token")
         files = [parquet_files] if isinstance(parquet_files, str | os.PathLike) else list(parquet_files)
@@ -245,10 +245,7 @@ class RagR1SFTDataset(Dataset):
         return list(normalize_token_ids(rendered))
 
     def _encode_text(self, text: str) -> list[int]:
-        # The same encoder call as the agent loop's observations (the Rust tokenizer when there is one).
-        if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=False).ids)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._codec.encode(text)  # the agent loop's encoder call (the Rust tokenizer when there is one)
 
     def _truncate(self, index: int, input_ids: list[int],
                   loss_mask: list[int]) -> tuple[list[int], list[int]]:

@@ -42,7 +42,7 @@ from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
 from ragr1_verl.data.teacher.scripted import ScriptedTeacher, token_counter
 from ragr1_verl.data.teacher.selection import SelectionSettings
 from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
-from ragr1_verl.protocol import token_truncator
+from ragr1_verl.protocol import Codec, policy_codec
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,12 @@ def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
                        help="completions (default): chat template rendered here (needs --tokenizer), works on "
                             "any server; chat: vLLM/SGLang continue_final_message")
     group.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
-                       help="the teacher's tokenizer (path or hub name): its chat template, and the cut of each "
-                            "query's retrieved text to --max-obs-tokens")
+                       help="the teacher's tokenizer (path or hub name) for its chat template; with --teacher "
+                            "scripted, the policy's. Also the --max-obs-tokens budget's unless "
+                            "--policy-tokenizer is given")
+    group.add_argument("--policy-tokenizer", default=None, metavar="NAME_OR_PATH",
+                       help="the tokenizer of the model these rows will train: the per-query budget of retrieved "
+                            "text (--max-obs-tokens) counts in it, as the rollout does (default: --tokenizer)")
     group.add_argument("--api-key", default=None, metavar="KEY", help=f"default: ${API_KEY_ENVS[0]}, else ${API_KEY_ENVS[1]}")
     group.add_argument("--temperature", type=float, default=0.7, metavar="T",
                        help="sampling temperature of the first attempt (default 0.7; the paper does not give it)")
@@ -130,7 +134,8 @@ def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max-queries", type=positive_int, default=3, metavar="N",
                        help="queries per search in mq mode (default 3)")
     group.add_argument("--max-obs-tokens", type=positive_int, default=1000, metavar="N",
-                       help="cut of each query's retrieved text, in teacher tokens (default 1000; needs --tokenizer)")
+                       help="cut of each query's retrieved text, in tokens of --policy-tokenizer (else --tokenizer), "
+                            "counted as the rollout counts them (default 1000)")
     group.add_argument("--observation-format", choices=("ragr1", "search_r1"), default="ragr1",
                        help="default ragr1 (RAG-R1's JSON object in mq mode)")
 
@@ -160,13 +165,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     questions = load_questions(args)
     if teacher_settings is None:
-        truncate, count = scripted_tools(args, settings.config.max_obs_tokens_per_query)
+        codec, count = scripted_tools(args)
         teacher = ScriptedTeacher(questions, settings.config, count)
-        running = generate(questions, settings, None, args.out, truncate=truncate, teacher=teacher,
+        running = generate(questions, settings, None, args.out, codec=codec, teacher=teacher,
                            teacher_fields=teacher.fields())
     else:
-        render, truncate = text_tools(args, settings.config.max_obs_tokens_per_query)
-        running = generate(questions, settings, teacher_settings, args.out, render=render, truncate=truncate)
+        render, codec = text_tools(args)
+        running = generate(questions, settings, teacher_settings, args.out, render=render, codec=codec)
     try:
         summary = asyncio.run(running)
     except (TeacherError, RetrievalFailed) as err:
@@ -219,34 +224,43 @@ def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettin
     return settings, teacher
 
 
-def text_tools(args: argparse.Namespace, max_obs_tokens: int) -> tuple[Callable[[Messages], str] | None,
-                                                                         Callable[[str], str]]:
-    """What the teacher's tokenizer gives: the chat-template renderer (completions API) and the cut of retrieved
-    text; :class:`DataError` when the completions API has no usable tokenizer."""
-    if args.tokenizer is None:
-        if args.api == "completions":
-            raise DataError("--api completions renders the teacher's chat template here: give --tokenizer (or use "
-                            "--api chat with a vLLM/SGLang server)")
-        logger.warning("no --tokenizer: retrieved text is not cut to --max-obs-tokens")
-        return None, str
-    tokenizer = load_tokenizer(args.tokenizer)
-    try:
-        render = template_renderer(tokenizer) if args.api == "completions" else None
-    except ValueError as err:
-        raise DataError(f"--tokenizer {args.tokenizer}: {err}") from None
-    return render, token_truncator(tokenizer, max_obs_tokens)
+def text_tools(args: argparse.Namespace) -> tuple[Callable[[Messages], str] | None, Codec | None]:
+    """The teacher's chat-template renderer (completions API) and the tokenizer the budget of retrieved text
+    counts in; :class:`DataError` when the completions API has no usable tokenizer."""
+    if args.tokenizer is None and args.api == "completions":
+        raise DataError("--api completions renders the teacher's chat template here: give --tokenizer (or use "
+                        "--api chat with a vLLM/SGLang server)")
+    render = None
+    if args.api == "completions":
+        try:
+            render = template_renderer(load_tokenizer(args.tokenizer))
+        except ValueError as err:
+            raise DataError(f"--tokenizer {args.tokenizer}: {err}") from None
+    tokenizer = _budget_tokenizer(args)
+    return render, None if tokenizer is None else policy_codec(tokenizer)
 
 
-def scripted_tools(args: argparse.Namespace, max_obs_tokens: int) -> tuple[Callable[[str], str],
-                                                                            Callable[[str], int] | None]:
-    """What the policy's tokenizer gives the scripted teacher: the cut of retrieved text and the token count
+def scripted_tools(args: argparse.Namespace) -> tuple[Codec | None, Callable[[str], int] | None]:
+    """What the policy's tokenizer gives the scripted teacher: the budget of retrieved text and the token count
     of a turn (kept under --max-tokens-per-turn)."""
+    tokenizer = _budget_tokenizer(args)
+    if tokenizer is None:
+        logger.warning("turns are not held to --max-tokens-per-turn without --tokenizer")
+        return None, None
+    return policy_codec(tokenizer), token_counter(tokenizer)
+
+
+def _budget_tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer the budget of retrieved text counts in: the policy's, else the teacher's."""
+    if args.policy_tokenizer is not None:
+        return load_tokenizer(args.policy_tokenizer, "--policy-tokenizer")
     if args.tokenizer is None:
-        logger.warning("no --tokenizer: retrieved text is not cut to --max-obs-tokens and turns are not held to "
-                       "--max-tokens-per-turn")
-        return str, None
-    tokenizer = load_tokenizer(args.tokenizer)
-    return token_truncator(tokenizer, max_obs_tokens), token_counter(tokenizer)
+        logger.warning("no --policy-tokenizer or --tokenizer: retrieved text is not cut to --max-obs-tokens")
+        return None
+    if getattr(args, "teacher", "openai") != "scripted":
+        logger.info("the --max-obs-tokens budget counts in the teacher's tokenizer (--tokenizer); give "
+                    "--policy-tokenizer when the trained model's differs")
+    return load_tokenizer(args.tokenizer)
 
 
 def load_questions(args: argparse.Namespace) -> list[Question]:
@@ -259,13 +273,13 @@ def load_questions(args: argparse.Namespace) -> list[Question]:
     return sample_questions(questions, args.limit, args.seed)
 
 
-def load_tokenizer(name: str) -> Any:
+def load_tokenizer(name: str, flag: str = "--tokenizer") -> Any:
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad name or folder
-        raise DataError(f"--tokenizer {name}: cannot load it ({err})") from None
+        raise DataError(f"{flag} {name}: cannot load it ({err})") from None
 
 
 def _report(summary: RunSummary, out: Path) -> None:

@@ -25,7 +25,6 @@ from ragr1_verl.protocol import (
     split_queries,
     split_title,
     strip_information,
-    token_truncator,
 )
 
 
@@ -97,11 +96,25 @@ class WordTokenizer:
         return " ".join(words[i] for i in ids)
 
 
-def test_truncation_is_per_query_in_tokens():
-    truncate = token_truncator(WordTokenizer(), max_tokens=4)
+def test_the_budget_is_per_query_in_tokens_of_the_policy():
+    renderer = protocol.ObservationRenderer(codec=protocol.policy_codec(WordTokenizer()), max_tokens_per_unit=4)
     documents = [[{"contents": "one two three four five six"}], [{"contents": "short"}]]
-    body = json.loads(render_observation(["a", "b"], documents, truncate=truncate)[15:-16])
+    body = json.loads(renderer.render(["a", "b"], documents)[15:-16])
     assert body["documents"] == ["Doc 1: one two", "Doc 1: short"]  # 4 words: "Doc", "1:", "one", "two"
+
+
+def test_the_budget_counts_json_escapes_as_the_model_sees_them():
+    # Each quote is one more character in the observation (\"): the escaped word \"b\" is one word-token.
+    renderer = protocol.ObservationRenderer(codec=protocol.policy_codec(WordTokenizer()), max_tokens_per_unit=3)
+    body = json.loads(renderer.render(["q"], [[{"contents": 'a "b" c d'}]])[15:-16])
+    assert body["documents"] == ['Doc 1: a']
+
+
+def test_sq_mode_cuts_all_documents_as_one_unit():
+    renderer = protocol.ObservationRenderer(mode="sq", codec=protocol.policy_codec(WordTokenizer()),
+                                            max_tokens_per_unit=4)  # words: Doc 1: one two\nDoc 2: ...
+    text = renderer.render(["q"], [[{"contents": "one two"}, {"contents": "three four"}]])
+    assert text == protocol.wrap_information("Doc 1: one two\nDoc")
 
 
 def test_split_title():
@@ -177,20 +190,18 @@ _DOC_TEXT = st.lists(st.one_of(_PIECES, st.text(max_size=6)), max_size=12).map("
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(_DOC_TEXT, st.lists(_DOC_TEXT, max_size=3)), max_size=3),
        st.sampled_from(["mq", "sq"]), st.sampled_from(["ragr1", "search_r1"]))
-def test_the_observation_layout_is_the_rendered_observation_with_each_unit_located(searches, mode, fmt):
+def test_the_observation_holds_every_unit_and_ragr1_mq_is_json_dumps_byte_for_byte(searches, mode, fmt):
     queries = [query for query, _ in searches] if mode == "mq" else ["q"]
     documents = [[{"contents": text} for text in docs] for _, docs in searches] if mode == "mq" else \
         [[{"contents": text} for _, docs in searches for text in docs]]
     units = protocol.document_units(documents, mode, fmt)
-    layout = protocol.layout_observation(queries, units, mode=mode, observation_format=fmt)
+    text = render_observation(queries, documents, mode=mode, observation_format=fmt)
 
-    assert layout.text == render_observation(queries, documents, mode=mode, observation_format=fmt)
-    assert len(layout.spans) == len(units)
-    for (start, end), unit in zip(layout.spans, units, strict=True):
-        assert layout.text[start:end] == (json.dumps(unit)[1:-1] if layout.json_escaped else unit)
-    if fmt == "ragr1" and mode == "mq":  # byte for byte what json.dumps writes
+    if fmt == "ragr1" and mode == "mq":
         body = {"query": queries, "documents": units}
-        assert layout.text == protocol.wrap_information(json.dumps(body, indent=2))
+        assert text == protocol.wrap_information(json.dumps(body, indent=2))
+    else:
+        assert all(unit in text for unit in units)
 
 
 @settings(max_examples=500, deadline=None)

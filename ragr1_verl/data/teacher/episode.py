@@ -13,7 +13,7 @@ no SFT sample, so :class:`RetrievalFailed` stops the run and the question is ret
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,11 +36,11 @@ class RetrievalFailed(RuntimeError):
 @dataclass(frozen=True)
 class EpisodeSettings:
     """The rollout's ``ragr1`` settings (mode, query rules, topk, ``max_turns``), the round's sampling and the
-    per-query cut of retrieved text (the identity when no tokenizer is given)."""
+    policy's tokenizer, which the per-query budget of retrieved text counts in (no cut without one)."""
 
     config: RagR1Config
     sampling: Sampling
-    truncate: Callable[[str], str] = str
+    codec: protocol.Codec | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,12 @@ async def _observe(action: protocol.Action, settings: EpisodeSettings,
     if not result.ok:
         raise RetrievalFailed(f"the retriever at {', '.join(config.retriever.urls)} failed a search "
                               f"({result.error})")
-    observation = protocol.render_observation(queries.queries, result.documents, mode=config.mode,
-                                              observation_format=config.observation_format,
-                                              truncate=settings.truncate)
-    return _Observation(observation, searched=True)
+    return _Observation(observation_text(settings, queries.queries, result.documents), searched=True)
+
+
+def observation_text(settings: EpisodeSettings, queries: Sequence[str], documents: Sequence[Sequence[dict]]) -> str:
+    """One search's ``<information>`` block, as the rollout renders it for the policy's tokenizer."""
+    config = settings.config
+    renderer = protocol.ObservationRenderer(config.mode, config.observation_format, settings.codec,
+                                            config.max_obs_tokens_per_query)
+    return renderer.render(queries, documents)

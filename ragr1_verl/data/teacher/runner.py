@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from ragr1_verl import protocol
 from ragr1_verl.config import RagR1Config
 from ragr1_verl.data.io import DataError, staged_output
 from ragr1_verl.data.questions import Question, hold_out, rl_rows, write_rl_parquet
@@ -108,7 +109,7 @@ class RunSummary:
 
 async def generate(questions: Sequence[Question], settings: RunSettings, teacher_settings: TeacherSettings | None,
                    out_dir: Path, *, render: Callable[[Messages], str] | None = None,
-                   truncate: Callable[[str], str] = str, teacher: TeacherLike | None = None,
+                   codec: protocol.Codec | None = None, teacher: TeacherLike | None = None,
                    teacher_fields: Mapping[str, Any] | None = None) -> RunSummary:
     """Run the teacher on every question not done yet in ``out_dir``, then rewrite the kept file and, with a
     selection, write the stage-2 RL parquet files.
@@ -126,7 +127,7 @@ async def generate(questions: Sequence[Question], settings: RunSettings, teacher
     retriever = RetrievalClient(settings.config.retriever)
     summary = RunSummary()
     try:
-        await _Generator(settings, teacher, retriever, log, states, truncate, summary).run(questions)
+        await _Generator(settings, teacher, retriever, log, states, codec, summary).run(questions)
     finally:
         log.close()
         await asyncio.gather(teacher.close(), retriever.close())
@@ -156,9 +157,9 @@ def _states(questions: Sequence[Question], logged: list[AttemptSummary]) -> dict
 
 class _Generator:
     def __init__(self, settings: RunSettings, teacher: TeacherLike, retriever: RetrievalClient, log: AttemptLog,
-                 states: dict[str, QuestionState], truncate: Callable[[str], str], summary: RunSummary):
+                 states: dict[str, QuestionState], codec: protocol.Codec | None, summary: RunSummary):
         self.settings, self.teacher, self.retriever = settings, teacher, retriever
-        self.log, self.states, self.truncate, self.summary = log, states, truncate, summary
+        self.log, self.states, self.codec, self.summary = log, states, codec, summary
         self.bar: tqdm | None = None
 
     async def run(self, questions: Sequence[Question]) -> None:
@@ -214,11 +215,11 @@ class _Generator:
 
     async def _attempt(self, question: Question, attempt: int) -> TrajectoryRecord:
         settings, selection = self.settings, self.settings.selection
-        episode_settings = EpisodeSettings(settings.config, settings.sampling, self.truncate)
+        episode_settings = EpisodeSettings(settings.config, settings.sampling, self.codec)
         if attempt > 0 and selection is not None:
             episode_settings = EpisodeSettings(replace(settings.config, max_turns=selection.resample_max_turns),
                                                replace(settings.sampling, temperature=selection.resample_temperature),
-                                               self.truncate)
+                                               self.codec)
         messages = [{"role": "user", "content": render_prompt(question.question, settings.template)}]
         episode = await run_episode(messages, episode_settings, self.teacher, self.retriever)
         em = int(episode.answer is not None and exact_match(episode.answer, question.answers))

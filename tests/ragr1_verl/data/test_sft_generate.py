@@ -205,8 +205,8 @@ def test_a_multi_query_search_gets_the_real_passages_in_the_observation_format(b
     out, calls = basic_run
     multi = by_id(read_jsonl(out / ATTEMPTS))["g-multi"]
     documents = post_retrieve(demo_server[0], {"queries": MULTI_QUERIES, "topk": 3}).json()["result"]
-    observation = protocol.render_observation(MULTI_QUERIES, documents,
-                                              truncate=protocol.token_truncator(tokenizer, 1000))
+    renderer = protocol.ObservationRenderer(codec=protocol.policy_codec(tokenizer), max_tokens_per_unit=1000)
+    observation = renderer.render(MULTI_QUERIES, documents)
     assert multi["trajectory"] == MULTI_ROUNDS[0] + observation + MULTI_ROUNDS[1]
     body = json.loads(observation.strip().removeprefix("<information>").removesuffix("</information>"))
     assert body["query"] == MULTI_QUERIES
