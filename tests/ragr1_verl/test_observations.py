@@ -22,6 +22,7 @@ from ragr1_verl.data.teacher.client import Sampling
 from ragr1_verl.data.teacher.episode import EpisodeSettings, observation_text
 from tests.ragr1_verl.fakes import CHAT_TEMPLATE
 
+
 class ByteTokenizer(PythonBackend):
     """A slow tokenizer (transformers' Python backend, no Rust tokenizer): one token per UTF-8 byte, so a cut
     can fall inside a character, and decoding such a prefix does not give back a prefix of the text."""
