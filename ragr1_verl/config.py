@@ -151,11 +151,18 @@ def _with_path(url: str) -> str:
     return url if "/" in host_and_path.rstrip("/") else url.rstrip("/") + "/retrieve"
 
 
+PROMPT_TEMPLATE_HELP = ("'mq', 'sq', a template string with {question}, a text file holding one, a "
+                        "ragr1_prompt.json (the prompt a checkpoint was trained with), or a data file (.parquet, "
+                        ".jsonl, .json) whose rows' prompts give it back")
+
+
 def resolve_prompt_template(value: str | None, mode: Mode) -> str:
     """The template text for ``ragr1.prompt_template``.
 
     ``None`` or ``"default"`` gives the built-in template of ``mode``; ``"mq"``/``"sq"`` a built-in one by
-    name; a string containing ``{question}`` is the template itself; anything else is a file path.
+    name; a string containing ``{question}`` is the template itself; anything else is a file path: a
+    ``ragr1_prompt.json`` record (what a checkpoint was trained with), a data file (``.parquet``, ``.jsonl``,
+    ``.json``) whose rows' prompts give the template back, or a text file holding the template.
     """
     if value is None or value == "default":
         return default_template(mode)
@@ -166,7 +173,27 @@ def resolve_prompt_template(value: str | None, mode: Mode) -> str:
     path = Path(value).expanduser()
     if not path.is_file():
         raise ConfigError(f"ragr1.prompt_template: {value!r} has no {{question}} placeholder and is not a file")
+    if path.suffix.lower() in (".parquet", ".jsonl", ".json"):
+        return _template_from_data(path)
     text = path.read_text(encoding="utf-8")
     if "{question}" not in text:
         raise ConfigError(f"ragr1.prompt_template: {path} has no {{question}} placeholder")
     return text
+
+
+def _template_from_data(path: Path) -> str:
+    from ragr1_verl.data import prompts  # data files need pyarrow: imported only for them
+    from ragr1_verl.data.io import DataError
+
+    try:
+        if path.name == prompts.PROMPT_FILE:
+            template = prompts.PromptRecord.read(path).template
+            if template is None:
+                raise DataError(f"{path}: records no single template (the training rows' prompts differ)")
+        else:
+            template = prompts.template_from_file(path)
+    except DataError as err:
+        raise ConfigError(f"ragr1.prompt_template: {err}") from None
+    if "{question}" not in template:
+        raise ConfigError(f"ragr1.prompt_template: {path} gives a template without {{question}}")
+    return template

@@ -35,3 +35,13 @@ ragr1_run() {
     ragr1_say "$*"
     [[ "$DRY_RUN" == 1 ]] || "$@"
 }
+
+ragr1_record_prompt() {  # the prompt the data was written with, beside the checkpoints (ragr1-eval checks it)
+    local record="$1/ragr1_prompt.json"
+    [[ "$DRY_RUN" == 1 ]] && return 0
+    if [[ -f "$record" ]]; then
+        cp "$record" "$2/"
+    else
+        ragr1_say "warning: no $record (data written by an older ragr1-data?): ragr1-eval cannot check the prompt"
+    fi
+}

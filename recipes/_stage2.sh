@@ -8,6 +8,7 @@ ragr1_need_file SFT_MODEL "$SFT_MODEL"
 ragr1_need_file RL_DATA "$RL_DATA/train.parquet"
 ragr1_only_config "$@" || ragr1_check_retriever
 
+ragr1_only_config "$@" || { mkdir -p "$CKPT_DIR" && ragr1_record_prompt "$RL_DATA" "$CKPT_DIR"; }
 models=(actor_rollout_ref.model.path="$SFT_MODEL")
 [[ "$RECIPE" == ragr1_grpo ]] || models+=(critic.model.path="$SFT_MODEL")  # GRPO trains no critic
 # The URL goes on the command line; the token stays in the environment (verl logs the whole config).

@@ -22,7 +22,8 @@ if (( NNODES > 1 )); then
 else
     rendezvous=(--standalone --nnodes=1)
 fi
-mkdir -p "$CKPT_DIR"
+[[ "$DRY_RUN" == 1 ]] || mkdir -p "$CKPT_DIR"
+ragr1_record_prompt "$SFT_DATA" "$CKPT_DIR"
 # One validation log per (re)start: verl's file logger truncates its file when it opens it.
 export VERL_FILE_LOGGER_PATH="${VERL_FILE_LOGGER_PATH:-$CKPT_DIR/val-$(date +%s).jsonl}"
 ragr1_run torchrun "${rendezvous[@]}" --nproc_per_node="$GPUS_PER_NODE" -m verl.trainer.sft_trainer \

@@ -226,6 +226,7 @@ def _sft_stage(run: Run) -> None:
         raise StageFailed(_failure("SFT", code, run.path("sft", "train.log")))
     best = select_best(checkpoints, [metrics])
     mark_best(checkpoints, best)
+    _record_prompt(checkpoints, run.args.mode)
     run.models["sft"] = (checkpoints / "best" / "huggingface").resolve()
     _out(f"SFT: kept step {best.step} (validation loss {best.val_loss:.4f}): {run.models['sft']}")
 
@@ -306,6 +307,16 @@ def _rl_stage(run: Run) -> None:
     if code:
         raise StageFailed(_failure("RL", code, run.path("rl", "train.log")))
     run.models["rl"] = final_actor(run.folder / "rl" / "checkpoints")
+    _record_prompt(run.folder / "rl" / "checkpoints", run.args.mode)
+
+
+def _record_prompt(checkpoints: Path, mode: str) -> None:
+    """The prompt the stage trained with (the mode's built-in one, as the demo data and recipes use), beside
+    its checkpoints, for ragr1-eval's check."""
+    from ragr1_verl.data.prompts import PromptRecord
+    from ragr1_verl.protocol import default_template
+
+    PromptRecord(default_template(mode), f"ragr1-verl-demo: the built-in {mode} prompt").write(checkpoints)
 
 
 def _print_new_rl_rows(run: Run, metrics: Path) -> None:

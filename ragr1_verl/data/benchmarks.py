@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.config import PROMPT_TEMPLATE_HELP
 from ragr1_verl.data.io import DataError, positive_int, staged_output
+from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -29,6 +31,7 @@ from ragr1_verl.data.questions import (
     sample_questions,
     write_rl_parquet,
 )
+from ragr1_verl.protocol import default_template
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +175,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
                         help="prompt template family (default mq)")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
-                        help="'mq', 'sq', a template string with {question}, or a file holding one")
+                        help=PROMPT_TEMPLATE_HELP)
     parser.add_argument("--combined", action="store_true", help="also write all.parquet with every benchmark")
     parser.add_argument("--hub-dataset", default=FLASHRAG_HUB, metavar="REPO",
                         help=f"hub dataset of the benchmarks (default {FLASHRAG_HUB})")
@@ -212,6 +215,7 @@ def write_benchmarks(loaded: Sequence[LoadedSplit], out: str | Path, *, mode: st
         if combined:
             write_rl_parquet(everything, staging / "all.parquet")
             written.append(Path(out) / "all.parquet")
+        PromptRecord(template or default_template(mode), "ragr1-data eval").write(staging)  # type: ignore[arg-type]
     return written
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.config import PROMPT_TEMPLATE_HELP
 from ragr1_verl.data.benchmarks import (
     BENCHMARKS,
     FLASHRAG_HUB,
@@ -29,6 +30,7 @@ from ragr1_verl.data.benchmarks import (
     parse_benchmarks,
 )
 from ragr1_verl.data.io import DataError, positive_int, staged_output
+from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -83,7 +85,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
                         help="prompt template family, and RAG-R1 set for --source ragr1 (default mq)")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
-                        help="'mq', 'sq', a template string with {question}, or a file holding one")
+                        help=PROMPT_TEMPLATE_HELP)
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N training questions, a seeded random subset (default: all)")
     parser.add_argument("--test-limit", type=positive_int, default=None, metavar="N",
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
                          staging / "train.parquet")
         write_rl_parquet(rl_rows(test, split="test", mode=args.mode, template=template),
                          staging / "test.parquet")
+        PromptRecord(template, f"ragr1-data rl --prompt-template {args.prompt_template or args.mode}").write(staging)
     logger.info("wrote %d training and %d test prompts (%s, %s prompts) from %s to %s", len(train), len(test),
                 args.mode, "custom" if args.prompt_template else "built-in", splits.origin, args.out)
     return 0

@@ -57,6 +57,7 @@ from typing import Any
 from ragr1_verl import protocol
 from ragr1_verl.data.benchmarks import download_hub_dataset
 from ragr1_verl.data.io import DataError, read_records, staged_output, where
+from ragr1_verl.data.prompts import SAMPLE_ROWS, PromptRecord, template_from_rows, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,19 @@ def run(args: argparse.Namespace) -> int:
     with staged_output(args.out) as staging:
         write_sft_parquet(train, "train", staging / "train.parquet")
         write_sft_parquet(test, "test", staging / "test.parquet")
+        _prompt_record(train).write(staging)
     _log_summary(tally, len(train), len(test), args.out)
     return 0
+
+
+def _prompt_record(rows: list[SFTRow]) -> PromptRecord:
+    """The template of the training rows' prompts (kept as the input carries them: released rows keep the
+    instruction they were released with), or None when they differ."""
+    template = template_from_rows((user_message(row.prompt), row.question) for row in rows[:SAMPLE_ROWS])
+    if template is None:
+        logger.warning("the training rows' prompts follow no single template: ragr1-eval cannot check that a "
+                       "checkpoint trained on them is evaluated with its own prompt")
+    return PromptRecord(template, "ragr1-data sft: the training rows' prompts")
 
 
 def _log_summary(tally: Tally, train: int, test: int, out: str) -> None:

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import URL_ENV, load_config
+from ragr1_verl.config import PROMPT_TEMPLATE_HELP, URL_ENV, load_config
 from ragr1_verl.data.io import DataError, positive_int
+from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -126,8 +127,7 @@ def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--mode", choices=("mq", "sq"), default="mq",
                        help="multi-query or single-query search (default mq)")
     group.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
-                       help="'mq', 'sq', a template string with {question}, or a file holding one "
-                            "(default: the mode's)")
+                       help=f"{PROMPT_TEMPLATE_HELP} (default: the mode's)")
     group.add_argument("--max-turns", type=int, default=4, metavar="N",
                        help="rounds that may search before the final round (default 4, as in training)")
     group.add_argument("--topk", type=positive_int, default=3, metavar="K", help="passages per query (default 3)")
@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("the finished trajectories are in %s; run the same command again to resume",
                      args.out / ATTEMPTS_FILE)
         return 1
+    PromptRecord(settings.template, "ragr1-data sft-generate --prompt-template "
+                 f"{args.prompt_template or settings.config.mode}").write(args.out)
     _report(summary, args.out)
     return 0
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import ConfigError, load_config, resolve_prompt_template
+from ragr1_verl.config import PROMPT_TEMPLATE_HELP, ConfigError, load_config, resolve_prompt_template
 from ragr1_verl.data.io import DataError, positive_int
+from ragr1_verl.data.prompts import warn_if_untrained_prompt
 from ragr1_verl.evaluation import report
 from ragr1_verl.evaluation.runner import (
     RESULTS_FILE,
@@ -91,8 +92,8 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
                          help="searches allowed (paper: 5 at evaluation)")
     rollout.add_argument("--topk", type=positive_int, default=3, help="documents per query (paper: 3)")
     rollout.add_argument("--prompt-template",
-                         help="mq, sq, a template with {question}, a file, or 'data' for the prompt stored in the "
-                              "data (default: the template of --mode, re-rendered from extra_info.question)")
+                         help=f"{PROMPT_TEMPLATE_HELP}; or 'data' for the prompt stored in the data (default: the "
+                              "template of --mode, re-rendered from extra_info.question)")
     rollout.add_argument("--max-obs-tokens-per-query", type=positive_int, default=1000,
                          help="ragr1.max_obs_tokens_per_query (paper: 1000)")
     rollout.add_argument("--max-tokens-per-turn", type=positive_int, default=500,
@@ -207,6 +208,8 @@ async def _evaluate(args: argparse.Namespace, settings: EvalSettings, questions:
     if not todo:
         return []
     model_dir, tokenizer, backend = _load_backend(args)
+    if "prompt_template" in settings.ragr1:  # not with --prompt-template data: then the file's prompts are used
+        warn_if_untrained_prompt(model_dir, resolve_prompt_template(settings.ragr1["prompt_template"], args.mode))
     _write_run_file(args.out, identity)  # only once the data, settings and model are known to be usable
     evaluator = Evaluator(trainer_config(model_dir, settings), tokenizer, backend, settings,
                           args.out / RESULTS_FILE)

@@ -44,7 +44,7 @@ def test_flashrag_layout_one_file_per_benchmark(tmp_path, tiny_model_dir):
     assert run_cli("eval", "--input-dir", FLASHRAG_COPY, "--benchmarks", "nq,hotpotqa,bamboogle",
                    "--combined", "--out", out) == 0
     assert sorted(path.name for path in out.iterdir()) == \
-        ["all.parquet", "bamboogle.parquet", "hotpotqa.parquet", "nq.parquet"]
+        ["all.parquet", "bamboogle.parquet", "hotpotqa.parquet", "nq.parquet", "ragr1_prompt.json"]
     files = [out / f"{name}.parquet" for name in ("nq", "hotpotqa", "bamboogle")]
     rows = check_with_verl(files, tiny_model_dir, tmp_path / "cache")  # verl concatenates the three files
     by_source = {name: [row for row in rows if row["data_source"] == name]
@@ -90,7 +90,7 @@ def test_limit_and_seed(tmp_path):
 
 def test_demo_source(tmp_path):
     assert run_cli("eval", "--source", "demo", "--combined", "--out", tmp_path) == 0
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["all.parquet", "demo.parquet"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["all.parquet", "demo.parquet", "ragr1_prompt.json"]
     rows = read_rows(tmp_path / "demo.parquet")
     held_out = {q.question for q in demo_questions(part="test")}  # only the part never trained on
     assert {row["extra_info"]["question"] for row in rows} == held_out and {row["data_source"] for row in rows} == {"demo"}

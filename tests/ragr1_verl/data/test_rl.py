@@ -77,7 +77,7 @@ def test_local_files_exact_rows(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     assert run_cli("rl", "--input", FIXTURES / "rl_flashrag.jsonl", "--test-input",
                    FIXTURES / "rl_ragr1.json", "--data-source", "mine", "--out", out) == 0
-    assert sorted(path.name for path in out.iterdir()) == ["test.parquet", "train.parquet"]
+    assert sorted(path.name for path in out.iterdir()) == ["ragr1_prompt.json", "test.parquet", "train.parquet"]
     train = check_with_verl([out / "train.parquet"], tiny_model_dir, tmp_path / "cache")
     test = read_rows(out / "test.parquet")
     assert len(train) == 6 and len(test) == 3

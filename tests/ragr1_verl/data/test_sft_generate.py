@@ -248,7 +248,7 @@ def test_every_attempt_is_logged_and_only_exact_matches_are_kept(basic_run):
                             "em", "searches", "attempt"}
     assert (kept[0]["data_source"], kept[0]["attempt"]) == ("gen_questions", 0)
     assert attempts["g-malformed"]["golden_answers"] == ["Harold II", "Harold"]
-    assert sorted(path.name for path in out.iterdir()) == [ATTEMPTS, "run.json", KEPT]
+    assert sorted(path.name for path in out.iterdir()) == [ATTEMPTS, "ragr1_prompt.json", "run.json", KEPT]
 
 
 class _Anything(dict):

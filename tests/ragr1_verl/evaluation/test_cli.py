@@ -224,3 +224,23 @@ def test_an_explicit_retriever_url_beats_the_environment(monkeypatch, tmp_path):
     implicit = build_parser().parse_args(["--data", "x.parquet", "--out", str(tmp_path / "b")])
     retriever = load_config(settings_from(implicit).ragr1).retriever
     assert retriever.urls == ("http://from-env:9000/retrieve",) and retriever.token == "env-token"
+
+
+def test_a_checkpoint_evaluated_with_another_prompt_than_its_training_one_is_warned_about(
+        tmp_path, demo_parquet, tiny_model_dir, served, demo_server, caplog):
+    import logging
+    import shutil
+
+    from ragr1_verl.data.prompts import PromptRecord
+    from ragr1_verl.protocol import SQ_PROMPT_TEMPLATE
+
+    checkpoint = tmp_path / "checkpoints" / "global_step_3" / "huggingface"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    PromptRecord(SQ_PROMPT_TEMPLATE, "ragr1-data rl --prompt-template sq").write(tmp_path / "checkpoints")
+    retriever = f"{demo_server[0]}/retrieve"
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(tmp_path / "sq", demo_parquet, checkpoint, served.url, retriever, "--mode", "sq") == 0
+    assert "differs from the one" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(tmp_path / "mq", demo_parquet, checkpoint, served.url, retriever, "--mode", "mq") == 0
+    assert "differs from the one" in caplog.text and "ragr1_prompt.json" in caplog.text
