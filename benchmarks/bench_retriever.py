@@ -539,7 +539,8 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
 
     options = LoadOptions(omp_threads=args.omp_threads, torch_threads=args.torch_threads,
                          encoder_batch_size=args.encoder_batch_size)
-    batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms)
+    batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
+                              trim_heap=not args.no_trim_heap)
     pin(args.server_cpus)  # before loading: the service sizes its thread pools from its affinity
     service = RetrievalService(index_dir, options, batching)
     service.load()
@@ -725,6 +726,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads (0: the CPUs the server may use)")
     server.add_argument("--encoder-batch-size", type=int, default=128, help="encoder forward-pass batch")
+    server.add_argument("--no-trim-heap", action="store_true", help="no malloc_trim between batches")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     if not 0.0 <= args.repeat_fraction < 1.0:

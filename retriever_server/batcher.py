@@ -36,7 +36,7 @@ class BatchingConfig:
     max_batch_queries: int = 512
     max_wait_ms: float = 1.0
     request_timeout_s: float = 120.0
-    trim_heap: bool = True  # malloc_trim between batches, so varied batch sizes do not grow RSS (heap.py)
+    trim_heap: bool = True  # malloc_trim when idle, so varied batch sizes do not grow RSS (heap.py)
 
 
 @dataclass
@@ -110,13 +110,17 @@ class DynamicBatcher:
                 batch = self._collect()
                 if batch:
                     self._process(batch)
-                    self.heap.after_batch(idle=self._queue.empty())
+                    self.heap.after_batch()
         finally:
             self._searched.put(None)
             self._fail_pending()
 
     def _collect(self) -> list[_Request]:
-        first = self._queue.get()
+        try:
+            first = self._queue.get(timeout=self.heap.idle_s)
+        except queue.Empty:
+            self.heap.idle()
+            first = self._queue.get()
         if first is None:
             return []
         batch, size = [first], len(first.queries)

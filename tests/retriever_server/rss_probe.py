@@ -1,13 +1,14 @@
 """Resident memory of an in-process retrieval service over many varied batches (run by test_heap.py).
 
 Usage: python rss_probe.py INDEX_DIR REQUESTS TRIM(0|1); prints one JSON line with the RSS in bytes after
-a warm-up and after the load.
+a warm-up and once the service has been idle for a second after the load.
 """
 
 import json
 import os
 import random
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,8 +40,10 @@ def main(index_dir: str, requests: int, trim: bool) -> None:
                                BatchingConfig(trim_heap=trim))
     service.load()
     run_load(service, 200, seed=1)
+    time.sleep(1.0)
     start = resident_bytes()
     run_load(service, requests, seed=2)
+    time.sleep(1.0)
     end = resident_bytes()
     sys.stdout.write(json.dumps({"start": start, "end": end, "trims": service.batcher.heap.trims}) + "\n")
     service.close()
