@@ -201,10 +201,13 @@ class RagR1AgentLoop(AgentLoopBase):
         prompt_ids = await self.ct_build_initial_tokens(messages)
         response, stats = _Response(), TrajectoryStats()
         request_id = uuid4().hex
-        for round_number in range(self.settings.max_turns + 1):
+        rounds = self.settings.max_turns + int(self.settings.final_round)
+        for round_number in range(rounds):
             can_search = round_number < self.settings.max_turns
             if not await self._round(request_id, prompt_ids, sampling_params, response, stats, can_search):
                 break
+        else:  # no final round (final_round: false): the last search's results were the end
+            stats.budget_hit = not self.settings.final_round and stats.searches > 0
         stats.truncated = response.truncate(self.response_length) or stats.truncated
         return AgentLoopOutput(
             prompt_ids=prompt_ids,

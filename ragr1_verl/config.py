@@ -34,6 +34,7 @@ class RagR1Config:
     topk: int = 3
     mode: Mode = "mq"
     max_turns: int = 4
+    final_round: bool = True
     max_queries_per_search: int = 3
     over_query_cap: Literal["truncate", "invalid"] = "truncate"
     query_separator: str = ","

@@ -87,6 +87,24 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+_EVAL_SCRIPT_SPACED = _PUNCTUATION | frozenset("\u2018\u2019\u00b4`_")  # curly quotes, acute accent
+
+
+def normalize_answer_eval_script(text: str) -> str:
+    """The original RAG-R1 evaluation script's normalisation (``ragr1-eval --protocol paper``).
+
+    Unlike :func:`normalize_answer`, underscores, ASCII punctuation and the quote marks ‘ ’ ´ ` become
+    spaces rather than disappearing, so ``"Eiffel-Tower"`` gives ``"eiffel tower"``; then a/an/the are
+    dropped and whitespace collapsed. No Unicode composition: the script had none.
+
+    >>> normalize_answer_eval_script("  The  Eiffel-Tower! ")
+    'eiffel tower'
+    """
+    text = text.lower()
+    text = "".join(" " if char in _EVAL_SCRIPT_SPACED else char for char in text)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
 def exact_match(prediction: str, golds: Iterable[str]) -> bool:
     """Whether the normalised prediction equals any normalised gold answer."""
     normalized = normalize_answer(prediction)

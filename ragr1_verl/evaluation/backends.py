@@ -40,11 +40,24 @@ class Sampling:
     temperature: float
     top_p: float
     stop: tuple[str, ...]
+    top_k: int = -1  # -1: off
+    repetition_penalty: float = 1.0
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Sampling:
         return cls(max_tokens=int(params["max_tokens"]), temperature=float(params.get("temperature", 1.0)),
-                   top_p=float(params.get("top_p", 1.0)), stop=tuple(params.get("stop") or ()))
+                   top_p=float(params.get("top_p", 1.0)), stop=tuple(params.get("stop") or ()),
+                   top_k=int(params.get("top_k", -1)), repetition_penalty=float(params.get("repetition_penalty", 1.0)))
+
+    def extra_body(self) -> dict[str, Any]:
+        """vLLM's and SGLang's sampling extensions, sent only when they change something (a plain OpenAI
+        server may refuse unknown fields)."""
+        extra: dict[str, Any] = {}
+        if self.top_k > 0:
+            extra["top_k"] = self.top_k
+        if self.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = self.repetition_penalty
+        return extra
 
 
 def completion_ids(choice: dict[str, Any], tokenizer: Any) -> list[int]:
@@ -78,7 +91,7 @@ class OpenAIBackend:
             # vLLM keeps the stop string with include_stop_str_in_output, SGLang with no_stop_trim; both return
             # the generated ids with return_token_ids. Servers without these fall back to the text.
             "include_stop_str_in_output": True, "no_stop_trim": True, "return_token_ids": True,
-            "skip_special_tokens": False,
+            "skip_special_tokens": False, **sampling.extra_body(),
         }
         if self.seed is not None:
             body["seed"] = self.seed
@@ -116,7 +129,8 @@ class TransformersBackend:
                    "return_dict_in_generate": True, "output_logits": True,
                    "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
         if sampled:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(0, sampling.top_k),
+                           repetition_penalty=sampling.repetition_penalty)
         if sampling.stop:
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         inputs = torch.tensor([prompt_ids], device=self.model.device)

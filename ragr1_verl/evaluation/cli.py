@@ -23,6 +23,13 @@ from ragr1_verl.config import PROMPT_TEMPLATE_HELP, ConfigError, load_config, re
 from ragr1_verl.data.io import DataError, positive_int
 from ragr1_verl.data.prompts import warn_if_untrained_prompt
 from ragr1_verl.evaluation import report
+from ragr1_verl.evaluation.protocols import (
+    PROTOCOL_NAMES,
+    PROTOCOLS,
+    EvalProtocol,
+    SamplingDefaults,
+    generation_config_sampling,
+)
 from ragr1_verl.evaluation.runner import (
     RESULTS_FILE,
     EvalSettings,
@@ -62,14 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="questions in flight (default: 32 for openai; 1 for transformers). With "
                               "transformers on the CPU, more than 1 decodes the questions in flight as one batch "
                               "(much faster per question; seconds per question then include the wait)")
-    backend.add_argument("--temperature", type=float, default=0.7, help="paper: 0.7")
-    backend.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    parser.add_argument("--protocol", choices=PROTOCOL_NAMES, default="project",
+                        help="project: the training rollout's rules; paper: the original evaluation script's "
+                             "(1024 tokens a call, 5 searches and no final round, no cut of retrieved text, its "
+                             "normaliser, the first gold answer, sampling from the checkpoint's generation "
+                             "config). It sets the defaults of the flags marked (protocol); given flags win")
+    backend.add_argument("--temperature", type=float, help="(protocol) 0.7 in both, the paper's")
+    backend.add_argument("--top-p", type=float,
+                         help="(protocol) project: 1; paper: the checkpoint's generation config")
+    backend.add_argument("--top-k", type=int, help="(protocol) project: off (-1); paper: the generation config")
+    backend.add_argument("--repetition-penalty", type=float,
+                         help="(protocol) project: 1; paper: the generation config")
     backend.add_argument("--greedy", action="store_true", help="temperature 0")
     backend.add_argument("--seed", type=int, default=0, help="sampling seed (sent to the server as `seed`)")
     backend.add_argument("--max-prompt-tokens", type=positive_int, default=2048,
                          help="longer prompts are cut, as verl cuts them (rollout.prompt_length)")
-    backend.add_argument("--max-response-tokens", type=positive_int, default=6144,
-                         help="all rounds and observations together (rollout.response_length; paper: 8192 in all)")
+    backend.add_argument("--max-response-tokens", type=positive_int,
+                         help="(protocol) all rounds and observations together (rollout.response_length); "
+                              "project: 6144; paper: 30720 (the script has no cap but the model's context)")
     _add_rollout_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="evaluate the first N questions of each file")
     parser.add_argument("--overwrite", action="store_true", help="discard previous results in --out")
@@ -88,23 +105,28 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
                          help="bearer token of the retriever (env RAGR1_RETRIEVER_TOKEN)")
     rollout.add_argument("--mode", choices=("mq", "sq"), default="mq",
                          help="ragr1.mode: several queries per search, or one")
-    rollout.add_argument("--max-turns", type=positive_int, default=5,
-                         help="searches allowed (paper: 5 at evaluation)")
+    rollout.add_argument("--max-turns", type=positive_int,
+                         help="(protocol) searches allowed: 5 in both (the paper's evaluation); project adds "
+                              "one final round that can only answer, paper stops after the 5th search")
     rollout.add_argument("--topk", type=positive_int, default=3, help="documents per query (paper: 3)")
     rollout.add_argument("--prompt-template",
                          help=f"{PROMPT_TEMPLATE_HELP}; or 'data' for the prompt stored in the data (default: the "
                               "template of --mode, re-rendered from extra_info.question)")
-    rollout.add_argument("--max-obs-tokens-per-query", type=positive_int, default=1000,
-                         help="ragr1.max_obs_tokens_per_query (paper: 1000)")
-    rollout.add_argument("--max-tokens-per-turn", type=positive_int, default=500,
-                         help="ragr1.max_tokens_per_turn (paper: 500)")
+    rollout.add_argument("--max-obs-tokens-per-query", type=positive_int,
+                         help="(protocol) ragr1.max_obs_tokens_per_query; project: 1000 (training); paper: no cut")
+    rollout.add_argument("--max-tokens-per-turn", type=positive_int,
+                         help="(protocol) ragr1.max_tokens_per_turn; project: 500 (training); paper: 1024")
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:
+    protocol = PROTOCOLS[args.protocol]
     ragr1: dict[str, Any] = {
         "retriever": {"url": args.retriever_url, "token": args.retriever_token},
-        "mode": args.mode, "max_turns": args.max_turns, "topk": args.topk,
-        "max_obs_tokens_per_query": args.max_obs_tokens_per_query, "max_tokens_per_turn": args.max_tokens_per_turn,
+        "mode": args.mode, "topk": args.topk,
+        "max_turns": _given(args.max_turns, protocol.max_turns), "final_round": protocol.final_round,
+        "max_obs_tokens_per_query": _given(args.max_obs_tokens_per_query, protocol.max_obs_tokens_per_query),
+        "max_tokens_per_turn": _given(args.max_tokens_per_turn, protocol.max_tokens_per_turn),
+        "max_queries_per_search": protocol.max_queries_per_search,
     }
     # The mode's own instructions by default: an sq model must not see the mq prompt an eval file may hold.
     template = args.prompt_template or args.mode
@@ -117,9 +139,27 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
     except (ConfigError, ValueError, OSError) as error:
         raise DataError(f"rollout settings: {error}") from None
     concurrency = args.concurrency or (32 if args.backend == "openai" else 1)
-    return EvalSettings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
-                        max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
-                        concurrency=concurrency, ragr1=ragr1)
+    sampling = _sampling_defaults(args, protocol)
+    return EvalSettings(temperature=0.0 if args.greedy else _given(args.temperature, protocol.temperature),
+                        top_p=_given(args.top_p, sampling.top_p), top_k=_given(args.top_k, sampling.top_k),
+                        repetition_penalty=_given(args.repetition_penalty, sampling.repetition_penalty),
+                        max_prompt_tokens=args.max_prompt_tokens,
+                        max_response_tokens=_given(args.max_response_tokens, protocol.max_response_tokens),
+                        concurrency=concurrency, ragr1=ragr1, protocol=protocol.name)
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _sampling_defaults(args: argparse.Namespace, protocol: EvalProtocol) -> SamplingDefaults:
+    """The paper protocol samples as ``generate()`` does with the checkpoint: its generation config."""
+    if not protocol.sampling_from_generation_config or args.greedy:
+        return SamplingDefaults()
+    defaults = generation_config_sampling(resolve_model(args.model))
+    logger.info("paper protocol: top_p %s, top_k %s, repetition_penalty %s from %s", defaults.top_p,
+                defaults.top_k, defaults.repetition_penalty, defaults.source)
+    return defaults
 
 
 def _run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:

@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.evaluation.protocols import PAPER_AVERAGE, PAPER_COLUMNS, PAPER_TABLE3
+
 logger = logging.getLogger(__name__)
 
 ALL = "average"
-# The paper's column order; other data sources follow alphabetically.
-BENCHMARK_ORDER = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+# The paper's column order (Table 3); other data sources follow alphabetically.
+BENCHMARK_ORDER = PAPER_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,43 @@ def shared_rows(rows: Sequence[BenchmarkSummary], other: Sequence[BenchmarkSumma
     return kept + [_average(kept)] if len(kept) > 1 else kept
 
 
+def protocol_header(run: dict[str, Any]) -> str:
+    """What ``summary.md`` says about how its numbers were measured (from the run's ``run.json``)."""
+    protocol, mode = run.get("protocol", "project"), run.get("ragr1", {}).get("mode", "mq")
+    if protocol == "paper":
+        return (f"Protocol: **paper** (the original evaluation script's rules; see the README's protocol "
+                f"table). Paper column: RAG-R1-{mode}, Table 3 (EM, Qwen2.5-7B-Instruct, KILT with BGE-large).")
+    return (f"Protocol: **project** (the training rollout's rules). EM here is not comparable with the paper's "
+            f"column, which is RAG-R1-{mode} under the paper's protocol: rerun with `--protocol paper` for that.")
+
+
+def paper_table(rows: Sequence[BenchmarkSummary], mode: str) -> str:
+    """EM per benchmark beside the paper's Table 3 value for the same method, in the paper's column order."""
+    paper = PAPER_TABLE3.get(mode, {})
+    known = [paper[row.benchmark] for row in rows if row.benchmark in paper]
+    # the paper's average is over its seven benchmarks: over fewer, the mean of their paper values
+    average = PAPER_AVERAGE.get(mode) if len(known) == len(paper) else (sum(known) / len(known) if known else None)
+    lines = [f"| benchmark | EM | paper EM (RAG-R1-{mode}) |", "|---|---:|---:|"]
+    for row in rows:
+        reference = average if row.benchmark == ALL else paper.get(row.benchmark)
+        lines.append(f"| {row.benchmark} | {row.em:.1f} | {'-' if reference is None else f'{reference:.1f}'} |")
+    return "\n".join(lines)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[BenchmarkSummary]:
     """``summary.md``, ``summary.json`` and the plots of one run; returns the rows."""
     rows = summarize(records)
-    (run_dir / "summary.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    run = read_run(run_dir)
+    mode = run.get("ragr1", {}).get("mode", "mq")
+    text = f"{protocol_header(run)}\n\n{markdown_table(rows)}\n\n{paper_table(rows, mode)}\n"
+    (run_dir / "summary.md").write_text(text, encoding="utf-8")
     (run_dir / "summary.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n",
                                           encoding="utf-8")
     plot_run(run_dir, rows, [record["searches"] for record in records])

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl.data.io import DataError, read_records, where
+from ragr1_verl.evaluation.protocols import PROJECT, PROTOCOLS, EvalProtocol
 from ragr1_verl.protocol import extract_answer
-from ragr1_verl.reward import compute_score, gold_answers
+from ragr1_verl.reward import compute_score, gold_answers, normalize_answer_eval_script
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class EvalSettings:
 
     temperature: float = 0.7          # paper: sampled at 0.7 at evaluation
     top_p: float = 1.0
+    top_k: int = -1                   # -1: off
+    repetition_penalty: float = 1.0
+    protocol: str = "project"         # evaluation/protocols.py: how EM is scored
     max_prompt_tokens: int = 2048
     max_response_tokens: int = 6144   # paper: 8192-token context in all
     concurrency: int = 8
@@ -182,16 +186,19 @@ class Evaluator:
 
     async def evaluate(self, question: EvalQuestion) -> dict[str, Any]:
         sampling_params = {"temperature": self.settings.temperature, "top_p": self.settings.top_p,
-                           "top_k": -1, "repetition_penalty": 1.0, "logprobs": False}
+                           "top_k": self.settings.top_k, "repetition_penalty": self.settings.repetition_penalty,
+                           "logprobs": False}
         started = time.perf_counter()
         output = await self._new_loop().run(sampling_params, raw_prompt=question.messages,
                                             extra_info=question.extra_info)
         seconds = time.perf_counter() - started
-        return trajectory_record(question, output, self.tokenizer, seconds)
+        return trajectory_record(question, output, self.tokenizer, seconds, PROTOCOLS[self.settings.protocol])
 
 
-def trajectory_record(question: EvalQuestion, output: Any, tokenizer: Any, seconds: float) -> dict[str, Any]:
-    """One line of ``results.jsonl``: the trajectory, its answer, scores and the rollout's counters."""
+def trajectory_record(question: EvalQuestion, output: Any, tokenizer: Any, seconds: float,
+                      protocol: EvalProtocol = PROJECT) -> dict[str, Any]:
+    """One line of ``results.jsonl``: the trajectory, its answer, scores and the rollout's counters. ``em`` is
+    the protocol's; ``em_any_alias`` the training reward's rule (any gold alias, the training normaliser)."""
     trajectory = tokenizer.decode(output.response_ids, skip_special_tokens=True)
     extra = {key.removeprefix("ragr1/"): value for key, value in output.extra_fields.items()
              if key.startswith("ragr1/")}
@@ -199,7 +206,8 @@ def trajectory_record(question: EvalQuestion, output: Any, tokenizer: Any, secon
     return {
         "id": question.id, "data_source": question.data_source, "question": question.question,
         "golden_answers": question.golden_answers, "answer": extract_answer(trajectory),
-        "em": scores["acc"], "f1": scores["f1"], "substring_em": scores["substring_em"],
+        "em": protocol_em(protocol, extract_answer(trajectory), question.golden_answers, scores["acc"]),
+        "em_any_alias": scores["acc"], "f1": scores["f1"], "substring_em": scores["substring_em"],
         "format_ok": scores["format_ok"], "searches": int(extra.get("searches", 0)),
         "queries": int(extra.get("queries", 0)), "invalid_actions": int(extra.get("invalid_actions", 0)),
         "retrieval_failures": int(extra.get("retrieval_failures", 0)), "turns": int(extra.get("turns", 0)),
@@ -207,6 +215,16 @@ def trajectory_record(question: EvalQuestion, output: Any, tokenizer: Any, secon
         "seconds": round(seconds, 4), "retrieval_seconds": round(float(extra.get("retrieval_ms", 0.0)) / 1000, 4),
         "response_tokens": len(output.response_ids), "trajectory": trajectory,
     }
+
+
+def protocol_em(protocol: EvalProtocol, answer: str | None, golds: Sequence[str], training_em: float) -> float:
+    """EM as ``protocol`` scores it: the training reward's, or the original script's (its normaliser against
+    the first gold answer, the one its data files carry as ``answer``)."""
+    if protocol.gold == "any_alias" and protocol.normalizer == "training":
+        return training_em
+    if answer is None or not golds:
+        return 0.0
+    return float(normalize_answer_eval_script(answer) == normalize_answer_eval_script(golds[0]))
 
 
 def settings_record(settings: EvalSettings, **run: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ TURNS = {
 
 RESULT_KEYS = {"id", "data_source", "question", "golden_answers", "answer", "em", "f1", "substring_em", "format_ok",
                "searches", "queries", "invalid_actions", "retrieval_failures", "turns", "budget_hit", "truncated",
-               "seconds", "retrieval_seconds", "response_tokens", "trajectory"}
+               "seconds", "retrieval_seconds", "response_tokens", "trajectory", "em_any_alias"}
 
 
 def script(question_on: str, round_number: int) -> str:
@@ -244,3 +244,79 @@ def test_a_checkpoint_evaluated_with_another_prompt_than_its_training_one_is_war
     with caplog.at_level(logging.WARNING):
         assert evaluate(tmp_path / "mq", demo_parquet, checkpoint, served.url, retriever, "--mode", "mq") == 0
     assert "differs from the one" in caplog.text and "ragr1_prompt.json" in caplog.text
+
+
+# --- --protocol paper ------------------------------------------------------------------------------------------
+
+def _always_searching(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return ScriptedCompletions(AutoTokenizer.from_pretrained(tiny_model_dir),
+                               lambda question, round_number: f"<search> Berlin Wall, fall {round_number} </search>")
+
+
+@pytest.mark.slow
+def test_the_paper_protocol_stops_after_five_searches_with_1024_tokens_a_call(tmp_path, demo_parquet,
+                                                                              tiny_model_dir, demo_server):
+    retriever = f"{demo_server[0]}/retrieve"
+    with _always_searching(tiny_model_dir) as server:
+        assert evaluate(tmp_path / "paper", demo_parquet, tiny_model_dir, server.url, retriever, "--limit", "1",
+                        "--protocol", "paper", "--max-response-tokens", "60000") == 0
+        paper_requests, server.requests[:] = list(server.requests), []
+        assert evaluate(tmp_path / "project", demo_parquet, tiny_model_dir, server.url, retriever, "--limit", "1",
+                        "--protocol", "project", "--max-response-tokens", "60000") == 0
+        project_requests = list(server.requests)
+    [paper] = results_list(tmp_path / "paper")
+    [project] = results_list(tmp_path / "project")
+    # the original script: five generations, each search run, and no final round after the fifth
+    assert len(paper_requests) == 5 and {r["max_tokens"] <= 1024 for r in paper_requests} == {True}
+    assert paper_requests[0]["max_tokens"] == 1024
+    assert (paper["searches"], paper["budget_hit"], paper["answer"], paper["em"]) == (5, True, None, 0.0)
+    # the project's rollout: the same five searches, then one round that can only answer, 500 tokens a call
+    assert len(project_requests) == 6 and project_requests[0]["max_tokens"] == 500
+    assert project["searches"] == 5
+
+
+def results_list(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_the_paper_protocol_samples_with_the_checkpoints_generation_config(tmp_path, demo_parquet, tiny_model_dir,
+                                                                           served, demo_server):
+    import shutil
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    (checkpoint / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "temperature": 0.7}))
+    def sampled(out: str, *extra: str) -> dict:  # no --greedy: the paper's evaluation samples
+        served.requests.clear()
+        assert eval_main(["--data", str(demo_parquet), "--out", str(tmp_path / out), "--backend", "openai",
+                          "--model", str(checkpoint), "--server-url", served.url, "--retriever-url",
+                          f"{demo_server[0]}/retrieve", "--limit", "1", "--protocol", "paper", *extra]) == 0
+        return served.requests[0]
+
+    first = sampled("paper")
+    assert (first["temperature"], first["top_p"], first["top_k"], first["repetition_penalty"]) == (0.7, 0.8, 20, 1.05)
+    assert sampled("paper-top-p", "--top-p", "0.95")["top_p"] == 0.95  # a given flag wins over the protocol
+    summary = (tmp_path / "paper" / "summary.md").read_text()
+    assert "Protocol: **paper**" in summary and "paper EM (RAG-R1-mq)" in summary
+
+
+def test_the_paper_protocol_scores_its_normaliser_against_the_first_gold_answer():
+    from ragr1_verl.evaluation.protocols import PAPER, PROJECT
+    from ragr1_verl.evaluation.runner import protocol_em
+    from ragr1_verl.reward import exact_match, normalize_answer, normalize_answer_eval_script
+
+    # punctuation, underscores and curly quotes become spaces: hyphenated words stay two words
+    assert normalize_answer_eval_script("‘The Eiffel-Tower’") == "eiffel tower"
+    assert normalize_answer("\u2018The Eiffel-Tower\u2019") == "\u2018 eiffeltower\u2019"  # training keeps curly quotes
+    assert normalize_answer_eval_script("New_York City!") == "new york city"
+    assert normalize_answer_eval_script("rock `n´ roll") == "rock n roll"
+    golds = ["Eiffel Tower", "La tour Eiffel"]
+    assert protocol_em(PAPER, "the eiffel tower", golds, 1.0) == 1.0
+    assert protocol_em(PAPER, "La tour Eiffel", golds, 1.0) == 0.0  # the original reads one `answer` field
+    assert protocol_em(PROJECT, "La tour Eiffel", golds, float(exact_match("La tour Eiffel", golds))) == 1.0
+    assert protocol_em(PAPER, "Eiffel-Tower", ["Eiffel Tower"], 0.0) == 1.0  # split, where training joins
+    assert protocol_em(PAPER, None, golds, 0.0) == 0.0
