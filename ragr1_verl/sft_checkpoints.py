@@ -208,7 +208,7 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ragr1_verl.sft_checkpoints",
         description="Link the SFT checkpoint with the lowest validation loss as CHECKPOINT_DIR/best.")
@@ -220,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-model-path", action="store_true",
                         help="print only the best checkpoint's Hugging Face folder on stdout (the stage-2 "
                              "actor_rollout_ref.model.path); fail if it has no model weights")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logs = [Path(f) for f in args.log] if args.log else default_logs(args.checkpoint_dir)

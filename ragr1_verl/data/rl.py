@@ -99,7 +99,8 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-input", metavar="FILE", help="with --input: the test questions' file")
     parser.add_argument("--test-size", type=_test_size, default=None, metavar="SIZE",
                         help="with --input (no --test-input): hold out this fraction "
-                             f"(< 1) or count of questions as the test set (default {DEFAULT_TEST_SIZE})")
+                             f"(< 1) or count of questions as the test set (default {DEFAULT_TEST_SIZE}); --source demo "
+                             "uses the questions' own train/dev parts")
     parser.add_argument("--data-source", default=None, metavar="NAME",
                         help="with --input: data_source of rows that carry none (default: the file's stem)")
     parser.add_argument("--input-dir", default=None, metavar="DIR",
