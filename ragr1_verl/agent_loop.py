@@ -201,7 +201,7 @@ class RagR1AgentLoop(AgentLoopBase):
         prompt_ids = await self.ct_build_initial_tokens(messages)
         response, stats = _Response(), TrajectoryStats()
         request_id = uuid4().hex
-        rounds = self.settings.max_turns + int(self.settings.final_round)
+        rounds = protocol.rounds_allowed(self.settings.max_turns, self.settings.final_round)
         for round_number in range(rounds):
             can_search = round_number < self.settings.max_turns
             if not await self._round(request_id, prompt_ids, sampling_params, response, stats, can_search):
@@ -232,13 +232,11 @@ class RagR1AgentLoop(AgentLoopBase):
         response.add_generated(ids, logprobs)
         stats.turns += 1
         action = protocol.parse_action(text)
-        if action.kind == "answer":
-            stats.answered = True
-            return False
-        if action.kind == "invalid" and self._ended_turn(ids, text, budget):
-            return False
-        if not can_search:
-            stats.budget_hit = action.kind == "search"
+        ended = action.kind == "invalid" and self._ended_turn(ids, text, budget)
+        outcome = protocol.round_outcome(action, ended, can_search)
+        if outcome != "continue":
+            stats.answered = outcome == "answer"
+            stats.budget_hit = outcome == "budget" and action.kind == "search"
             return False
         self._drop_trailing_eos(response, stats)
         observation = await self._observe(action, stats)

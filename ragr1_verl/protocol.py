@@ -38,6 +38,29 @@ class Action:
     end: int = -1
 
 
+# What a round's action does to its trajectory: answer and stopped end it (an answer, or a turn the model ended
+# without an action), budget ends it because no search is left, continue runs the search or a reminder.
+RoundOutcome = Literal["answer", "stopped", "budget", "continue"]
+
+
+def rounds_allowed(max_turns: int, final_round: bool) -> int:
+    """Generation rounds of one trajectory: ``max_turns`` that may search, then one that may only answer."""
+    return max_turns + int(final_round)
+
+
+def round_outcome(action: Action, ended_on_its_own: bool, can_search: bool) -> RoundOutcome:
+    """The one rule for a round, shared by the rollout and the SFT teachers' episodes.
+
+    ``ended_on_its_own``: the model stopped by itself (EOS or a stop token), not on a stop string or the
+    token cap; only an invalid action reads it.
+    """
+    if action.kind == "answer":
+        return "answer"
+    if action.kind == "invalid" and ended_on_its_own:
+        return "stopped"
+    return "continue" if can_search else "budget"
+
+
 def parse_action(text: str, start: int = 0) -> Action:
     """The first complete ``<search>...</search>`` or ``<answer>...</answer>`` of a turn, else invalid.
 

@@ -292,3 +292,22 @@ def test_parsers_are_linear_on_hostile_turns(shape):
     ratio = _best_seconds(parse_everything, large) / max(_best_seconds(parse_everything, small), 1e-6)
     # 4x the input: about 4x the work when linear, 16x when quadratic; the margin absorbs a noisy machine.
     assert ratio < 9, f"{shape}: 4x the input took {ratio:.1f}x the time"
+
+
+@pytest.mark.parametrize(("action", "ended", "can_search", "outcome"), [
+    (Action("answer", "x", 10), False, True, "answer"),
+    (Action("answer", "x", 10), True, False, "answer"),       # an answer ends it even in the last round
+    (Action("search", "q", 10), False, True, "continue"),
+    (Action("search", "q", 10), True, True, "continue"),      # a search followed by EOS still searches
+    (Action("search", "q", 10), False, False, "budget"),
+    (Action("invalid"), True, True, "stopped"),              # EOS without an action: the model is done
+    (Action("invalid"), False, True, "continue"),            # cut by the token cap: a reminder follows
+    (Action("invalid"), False, False, "budget"),
+])
+def test_round_outcome_is_the_rule_of_the_rollout_and_the_teachers(action, ended, can_search, outcome):
+    assert protocol.round_outcome(action, ended, can_search) == outcome
+
+
+def test_rounds_allowed_adds_the_answer_only_round_unless_it_is_off():
+    assert protocol.rounds_allowed(4, final_round=True) == 5
+    assert protocol.rounds_allowed(5, final_round=False) == 5

@@ -1,7 +1,8 @@
 """One teacher trajectory under the RAG-R1 protocol, on text, with the real retriever.
 
-It follows :class:`ragr1_verl.agent_loop.RagR1AgentLoop` round for round, so the SFT data shows the student the
-rollout it will run in RL: each round the teacher writes up to a stop string; an answer ends the trajectory;
+It follows :class:`ragr1_verl.agent_loop.RagR1AgentLoop` round for round (both decide each round with
+``protocol.round_outcome`` and render observations with ``protocol.ObservationRenderer``), so the SFT data
+shows the student the rollout it will run in RL: each round the teacher writes up to a stop string; an answer ends the trajectory;
 a round the teacher ended on its own without an action ends it too; otherwise a search is answered with
 ``<information>`` (or a reminder after an invalid action) and the next round continues the same assistant
 message. After ``max_turns`` such rounds one last round runs, in which a search ends the trajectory unanswered.
@@ -76,7 +77,8 @@ async def run_episode(messages: Messages, settings: EpisodeSettings, teacher: Te
                       retriever: RetrievalClient) -> Episode:
     """Run the teacher on one prompt until it answers, stops, or the rounds run out."""
     text, tally, max_turns = "", _Tally(), settings.config.max_turns
-    for round_number in range(max_turns + 1):
+    rounds = protocol.rounds_allowed(max_turns, settings.config.final_round)
+    for round_number in range(rounds):
         try:
             completion = await teacher.complete(messages, text, settings.sampling)
         except TeacherRejected as err:
@@ -87,16 +89,16 @@ async def run_episode(messages: Messages, settings: EpisodeSettings, teacher: Te
         turn = _trimmed(completion.text)
         text += turn
         action = protocol.parse_action(turn)
-        if action.kind == "answer":
-            return _episode(text, tally, round_number + 1, "answer")
-        if action.kind == "invalid" and _ended_on_its_own(completion, turn):
-            return _episode(text, tally, round_number + 1, "stopped")
-        if round_number == max_turns:
+        ended = action.kind == "invalid" and _ended_on_its_own(completion, turn)
+        outcome = protocol.round_outcome(action, ended, can_search=round_number < max_turns)
+        if outcome == "budget":
             break
+        if outcome != "continue":
+            return _episode(text, tally, round_number + 1, outcome)
         observation = await _observe(action, settings, retriever)
         text += observation.text
         tally.add(observation)
-    return _episode(text, tally, max_turns + 1, "budget")
+    return _episode(text, tally, rounds, "budget")
 
 
 def _episode(text: str, tally: _Tally, turns: int, finish: Finish) -> Episode:
