@@ -49,7 +49,7 @@ class RagR1Config:
         return QueryRules(self.mode, self.query_separator, self.max_queries_per_search, self.over_query_cap)
 
 
-_CHOICES = {
+CHOICES = {  # the allowed values of each ragr1 key that has a fixed set; CLIs take their choices from here
     "mode": ("mq", "sq"),
     "over_query_cap": ("truncate", "invalid"),
     "observation_format": ("ragr1", "search_r1"),
@@ -95,8 +95,8 @@ def _to_dict(section: Any) -> dict[str, Any]:
 
 
 def _checked(name: str, value: Any, default: Any) -> Any:
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ConfigError(f"ragr1.{name} must be one of {list(_CHOICES[name])}, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"ragr1.{name} must be one of {list(CHOICES[name])}, got {value!r}")
     if name == "prompt_template":
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"ragr1.prompt_template must be a string or null, got {value!r}")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.config import CHOICES
 from ragr1_verl.cpu import demo_report as report
 from ragr1_verl.cpu.demo_report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
 from ragr1_verl.cpu.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
@@ -70,7 +71,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", type=_stages, default=STAGES,
                         help="comma-separated: sft (stage 1), rl (stage 2, from the SFT model when sft runs too), "
                              "eval (the held-out questions, every model of the run); 'rl' alone is the quick run")
-    parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
+    parser.add_argument("--mode", choices=CHOICES["mode"], default="mq",
                         help="mq: several queries per search (RAG-R1); sq: one query per search")
     parser.add_argument("--algorithm", choices=sorted(RL_RECIPES), default="ppo",
                         help="ppo: PPO with a critic as the paper trains (recipe ragr1_cpu); grpo: ragr1_cpu_grpo")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import PROMPT_TEMPLATE_HELP
+from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP
 from ragr1_verl.data.io import DataError, positive_int, staged_output
 from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
@@ -172,7 +172,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N questions per benchmark, a seeded random subset (default: all)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --limit subsets (default 42)")
-    parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
+    parser.add_argument("--mode", choices=CHOICES["mode"], default="mq",
                         help="prompt template family (default mq)")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                         help=PROMPT_TEMPLATE_HELP)

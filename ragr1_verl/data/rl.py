@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import PROMPT_TEMPLATE_HELP
+from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP
 from ragr1_verl.data.benchmarks import (
     BENCHMARKS,
     FLASHRAG_HUB,
@@ -82,7 +82,7 @@ def add_parser(subparsers: Any) -> None:
                              "demo: the bundled demo questions")
     source.add_argument("--input", metavar="FILE", help="local .jsonl/.json/.parquet question file")
     parser.add_argument("--out", required=True, help="output folder (train.parquet, test.parquet)")
-    parser.add_argument("--mode", choices=("mq", "sq"), default="mq",
+    parser.add_argument("--mode", choices=CHOICES["mode"], default="mq",
                         help="prompt template family, and RAG-R1 set for --source ragr1 (default mq)")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                         help=PROMPT_TEMPLATE_HELP)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import PROMPT_TEMPLATE_HELP, URL_ENV, load_config
+from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP, URL_ENV, load_config
 from ragr1_verl.data.io import DataError, positive_int
 from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
@@ -124,7 +124,7 @@ def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
 def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--retriever-url", default=None, metavar="URL",
                        help=f"the retriever's /retrieve URL (default: ${URL_ENV}, else http://127.0.0.1:8000/retrieve)")
-    group.add_argument("--mode", choices=("mq", "sq"), default="mq",
+    group.add_argument("--mode", choices=CHOICES["mode"], default="mq",
                        help="multi-query or single-query search (default mq)")
     group.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                        help=f"{PROMPT_TEMPLATE_HELP} (default: the mode's)")
@@ -136,7 +136,7 @@ def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max-obs-tokens", type=positive_int, default=1000, metavar="N",
                        help="cut of each query's retrieved text, in tokens of --policy-tokenizer (else --tokenizer), "
                             "counted as the rollout counts them (default 1000)")
-    group.add_argument("--observation-format", choices=("ragr1", "search_r1"), default="ragr1",
+    group.add_argument("--observation-format", choices=CHOICES["observation_format"], default="ragr1",
                        help="default ragr1 (RAG-R1's JSON object in mq mode)")
 
 

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import PROMPT_TEMPLATE_HELP, ConfigError, load_config, resolve_prompt_template
+from ragr1_verl.config import (
+    CHOICES,
+    PROMPT_TEMPLATE_HELP,
+    ConfigError,
+    load_config,
+    resolve_prompt_template,
+)
 from ragr1_verl.data.io import DataError, positive_int
 from ragr1_verl.data.prompts import warn_if_untrained_prompt
 from ragr1_verl.evaluation import report
@@ -103,7 +109,7 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
                          help="ragr1.retriever.url (env RAGR1_RETRIEVER_URL)")
     rollout.add_argument("--retriever-token", default=os.environ.get("RAGR1_RETRIEVER_TOKEN"),
                          help="bearer token of the retriever (env RAGR1_RETRIEVER_TOKEN)")
-    rollout.add_argument("--mode", choices=("mq", "sq"), default="mq",
+    rollout.add_argument("--mode", choices=CHOICES["mode"], default="mq",
                          help="ragr1.mode: several queries per search, or one")
     rollout.add_argument("--max-turns", type=positive_int,
                          help="(protocol) searches allowed: 5 in both (the paper's evaluation); project adds "
