@@ -2,9 +2,9 @@
 
 A checkpoint answers best to the instruction it was trained on. ``ragr1-data`` writes ``ragr1_prompt.json``
 next to the parquet files it writes (the template, or ``null`` when the rows carry prompts that no single
-template explains, e.g. released rows with several instructions); the launch scripts and
-``python -m ragr1_verl.sft_checkpoints --data DIR`` copy it beside the checkpoints; ``ragr1-eval`` compares
-the prompt it renders with the one recorded beside the model and warns when they differ.
+template explains, e.g. released rows with several instructions); the launch scripts in ``recipes/`` and
+``ragr1-verl-demo`` put it beside the checkpoints; ``ragr1-eval`` compares the prompt it renders with the one
+recorded beside the model and warns when they differ.
 
 A template is recovered from rows that carry their question (``question`` or ``extra_info.question``: the
 user message with the question replaced by ``{question}``), and otherwise from the common beginning and end
