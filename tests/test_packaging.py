@@ -170,8 +170,9 @@ def test_the_installed_wheel_finds_the_recipes_and_resolves_the_worker_yamls(whe
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(report["ragr1_verl"]).is_relative_to(target)
-    assert [Path(p) for p in report["hydra_plugins"]] != [] and all(
-        not Path(p).is_relative_to(REPO_ROOT) for p in report["hydra_plugins"])
+    plugin_paths = [Path(p).resolve() for p in report["hydra_plugins"]]
+    assert (target / "hydra_plugins").resolve() in plugin_paths  # the wheel's ...
+    assert (REPO_ROOT / "hydra_plugins").resolve() not in plugin_paths  # ... and not the checkout's
     assert report["grpo"] == ["grpo", "mq", False] and report["sft"] == [5, "RagR1SFTDataset", False]
     assert report["cpu"] == ["cpu", "mq"]
     assert report["yamls"] == [str(target / "ragr1_verl/configs/agent_loop.yaml"),

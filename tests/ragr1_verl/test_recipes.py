@@ -244,7 +244,8 @@ def resolved_paths(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("recipe", PPO_RECIPES)
-def test_every_path_a_stage2_recipe_hands_to_workers_resolves_from_another_directory(resolved_paths, recipe):
+def test_every_path_a_stage2_recipe_hands_to_workers_resolves_from_another_directory(resolved_paths, recipe,
+                                                                                     tmp_path):
     found = resolved_paths[recipe]
     assert not [value for value in found.values() if value.startswith("ERROR")], found
     # The reward is the only path the stage-2 recipes set: ragr1_agent reaches the workers through the
@@ -252,9 +253,17 @@ def test_every_path_a_stage2_recipe_hands_to_workers_resolves_from_another_direc
     assert set(found) == {"reward.custom_reward_function.path"}
     reward = found["reward.custom_reward_function.path"]
     assert reward.startswith("ragr1_verl.reward.compute_score @ ")
-    # The installed package (editable here) is imported, not a copy next to the working directory.
+    # The installed package is imported (the checkout with an editable install, site-packages with a regular
+    # one), as a fresh interpreter outside the checkout finds it, not a copy next to the working directory.
     reward_file = Path(reward.split(" @ ")[1]).resolve()
-    assert reward_file == (Path(ragr1_verl.__file__).parent / "reward.py").resolve()
+    assert reward_file == installed_file("ragr1_verl.reward", tmp_path)
+
+
+def installed_file(module: str, cwd: Path) -> Path:
+    """Where a fresh interpreter started in ``cwd`` imports ``module`` from."""
+    result = subprocess.run([sys.executable, "-c", f"import {module} as m; print(m.__file__)"], cwd=cwd,
+                            capture_output=True, text=True, timeout=120, check=True)
+    return Path(result.stdout.strip()).resolve()
 
 
 def test_the_sft_recipe_dataset_class_loads_from_another_directory(resolved_paths):
