@@ -158,7 +158,8 @@ def observation_ids(tokens: _TokenizerState, config: RagR1Config, queries: Seque
     """The tokens of one search's ``<information>`` block: the text the SFT teachers write for it, encoded."""
     renderer = protocol.ObservationRenderer(config.mode, config.observation_format, tokens.codec,
                                             config.max_obs_tokens_per_query)
-    return tokens.encode(renderer.render(queries, documents))
+    text, ids = renderer.render_with_ids(queries, documents)
+    return ids if ids is not None else tokens.encode(text)
 
 
 _CONFIGS: dict[int, tuple[Any, RagR1Config, str | None]] = {}

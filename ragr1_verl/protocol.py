@@ -8,6 +8,7 @@ tokenizer with ``encode``/``decode``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -289,13 +290,23 @@ class _TokenizerCodec:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """Ids and character offsets from the Rust tokenizer; None for a slow (Python) tokenizer."""
+        if self.backend is None:
+            return None
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return list(encoding.ids), list(encoding.offsets)
+
 
 def policy_codec(tokenizer) -> Codec:
     return _TokenizerCodec(tokenizer)
 
 
+_BLOCK_OPEN, _BLOCK_CLOSE = f"\n{INFORMATION_OPEN}\n", f"\n{INFORMATION_CLOSE}\n"
+
+
 def wrap_information(body: str) -> str:
-    return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"
+    return f"{_BLOCK_OPEN}{body}{_BLOCK_CLOSE}"
 
 
 @dataclass(frozen=True)
@@ -308,8 +319,10 @@ class ObservationRenderer:
     ASCII-escaped as ``json.dumps`` does by default), one document string per query. In sq mode, and in the
     ``search_r1`` format, the documents are plain lines. A *unit* (one query's documents, or all of them in
     sq mode) keeps at most ``max_tokens_per_unit`` tokens of ``codec`` (the policy's tokenizer), counted on
-    the unit as it stands in the observation, JSON escapes included, encoded on its own. Without a codec
-    nothing is cut.
+    the unit as it stands in the observation, JSON escapes included. With a Rust (fast) tokenizer the whole
+    block is encoded once and a token counts toward the unit its first character lies in; the ids are
+    handed back, so the rollout encodes nothing again unless a unit had to be cut. A slow tokenizer has no
+    offsets: each unit is encoded on its own. Without a codec nothing is cut.
     """
 
     mode: Mode = "mq"
@@ -323,13 +336,37 @@ class ObservationRenderer:
 
     def render(self, queries: Sequence[str], documents: Sequence[Sequence[dict]]) -> str:
         """The ``<information>`` block of one search."""
-        return wrap_information(self.body(queries, documents))
+        return self.render_with_ids(queries, documents)[0]
 
     def body(self, queries: Sequence[str], documents: Sequence[Sequence[dict]]) -> str:
         """The block's content, without the tags (a tool response)."""
-        units = [self._within_budget(unit) for unit in document_units(documents, self.mode,
-                                                                       self.observation_format)]
-        return _layout_body(queries, units, self.mode, self.observation_format)
+        return self.render(queries, documents)[len(_BLOCK_OPEN):-len(_BLOCK_CLOSE)]
+
+    def render_with_ids(self, queries: Sequence[str], documents: Sequence[Sequence[dict]]
+                        ) -> tuple[str, list[int] | None]:
+        """The block and, where counting the budget already encoded it, its token ids (else None)."""
+        units = document_units(documents, self.mode, self.observation_format)
+        text, spans = self._block(queries, units)
+        encoded = self._encode_with_offsets(text)
+        if encoded is None:  # no codec, or a slow tokenizer: each unit is counted on its own
+            units = [self._within_budget(unit) for unit in units]
+            return self._block(queries, units)[0], None
+        ids, offsets = encoded
+        cuts = _cuts_over_budget(spans, offsets, self.max_tokens_per_unit)
+        if not cuts:
+            return text, ids
+        units = [unit_prefix(unit, cuts[i], self.json_escaped) if i in cuts else unit for i, unit in enumerate(units)]
+        text = self._block(queries, units)[0]
+        return text, self.codec.encode(text)
+
+    def _block(self, queries: Sequence[str], units: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+        body, spans = _layout(queries, units, self.mode, self.observation_format)
+        shift = len(_BLOCK_OPEN)
+        return wrap_information(body), [(start + shift, end + shift) for start, end in spans]
+
+    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+        encode = getattr(self.codec, "encode_with_offsets", None)
+        return None if encode is None else encode(text)
 
     def _within_budget(self, unit: str) -> str:
         if self.codec is None:
@@ -342,6 +379,20 @@ class ObservationRenderer:
         # back exactly, the common prefix keeps fewer characters, never more tokens.
         kept = self.codec.decode(ids[:self.max_tokens_per_unit])
         return unit_prefix(unit, len(os.path.commonprefix([rendered, kept])), self.json_escaped)
+
+
+def _cuts_over_budget(spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]],
+                      budget: int) -> dict[int, int]:
+    """For each span holding more than ``budget`` tokens: its index -> characters kept (those before the first
+    token past the budget, so that a character split over several tokens is kept whole or not at all). A
+    token belongs to the span its first character is in."""
+    starts = [start for start, _ in offsets]
+    cuts = {}
+    for index, (begin, end) in enumerate(spans):
+        first, stop = bisect.bisect_left(starts, begin), bisect.bisect_left(starts, end)
+        if stop - first > budget:
+            cuts[index] = starts[first + budget] - begin
+    return cuts
 
 
 def render_observation(queries: Sequence[str], documents: Sequence[Sequence[dict]], *, mode: Mode = "mq",
@@ -363,13 +414,31 @@ def _indented_json_list(items: Sequence[str]) -> str:
     return "[\n    " + ",\n    ".join(json.dumps(item) for item in items) + "\n  ]"
 
 
-def _layout_body(queries: Sequence[str], units: Sequence[str], mode: Mode,
-                 observation_format: ObservationFormat) -> str:
+def _layout(queries: Sequence[str], units: Sequence[str], mode: Mode,
+            observation_format: ObservationFormat) -> tuple[str, list[tuple[int, int]]]:
+    """The block's content and the character range of each unit in it (as rendered: JSON-escaped in mq)."""
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+
+    def add(text: str, unit: bool = False) -> None:
+        start = sum(map(len, pieces))
+        if unit:
+            spans.append((start, start + len(text)))
+        pieces.append(text)
+
     if observation_format == "ragr1" and mode == "mq":
-        return f'{{\n  "query": {_indented_json_list(queries)},\n  "documents": {_indented_json_list(units)}\n}}'
-    if mode == "sq":
-        return units[0]
-    return "\n\n".join(f"Results for: {query}\n{unit}" for query, unit in zip(queries, units, strict=True))
+        add(f'{{\n  "query": {_indented_json_list(queries)},\n  "documents": ')
+        for number, unit in enumerate(units):
+            add('[\n    "' if number == 0 else '",\n    "')
+            add(json.dumps(unit)[1:-1], unit=True)
+        add('"\n  ]\n}' if units else "[]\n}")
+    elif mode == "sq":
+        add(units[0], unit=True)
+    else:
+        for number, (query, unit) in enumerate(zip(queries, units, strict=True)):
+            add(f"{chr(10) * 2 if number else ''}Results for: {query}\n")
+            add(unit, unit=True)
+    return "".join(pieces), spans
 
 
 _SHORT_JSON_ESCAPES = frozenset('"\\\n\r\t\b\f')
