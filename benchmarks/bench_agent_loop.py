@@ -73,8 +73,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# First on the path even where an editable install lists the checkout already: some wheels ship a top-level
+# `tests` package into site-packages that would shadow ours.
+sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import (  # noqa: E402 (after the path set-up above)
     HelpFormatter,
@@ -453,8 +454,8 @@ async def breakdown(harness: Harness, count: int) -> dict:
     patches = [(state, "decode", BREAKDOWN_PARTS[0]),
                (protocol, "parse_action", BREAKDOWN_PARTS[1]),
                (protocol, "split_queries", BREAKDOWN_PARTS[1]),
-               (protocol, "layout_observation", BREAKDOWN_PARTS[2]),
-               (state, "encode_observation", BREAKDOWN_PARTS[3]),
+               (protocol, "_layout", BREAKDOWN_PARTS[2]),
+               (agent_loop, "observation_ids", BREAKDOWN_PARTS[3]),
                (state, "encode", BREAKDOWN_PARTS[4])]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, part in patches:
@@ -464,7 +465,7 @@ async def breakdown(harness: Harness, count: int) -> dict:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
-    # encode_observation calls layout_observation (and encode, after a cut): count each second once
+    # observation_ids lays the block out (and calls encode after a cut): count each second once
     spent[BREAKDOWN_PARTS[3]] -= spent[BREAKDOWN_PARTS[2]] + spent[BREAKDOWN_PARTS[4]]
     rounds = sum(t.rounds for t in timings)
     overhead = sum(t.overhead_s for t in timings)

@@ -72,8 +72,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# First on the path even where an editable install lists the checkout already: some wheels ship a top-level
+# `tests` package into site-packages that would shadow ours.
+sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import (  # noqa: E402 (after the path set-up above)
     HelpFormatter,
