@@ -156,9 +156,7 @@ class _TokenizerState:
 def observation_ids(tokens: _TokenizerState, config: RagR1Config, queries: Sequence[str],
                     documents: Sequence[Sequence[dict]]) -> list[int]:
     """The tokens of one search's ``<information>`` block: the text the SFT teachers write for it, encoded."""
-    renderer = protocol.ObservationRenderer(config.mode, config.observation_format, tokens.codec,
-                                            config.max_obs_tokens_per_query)
-    text, ids = renderer.render_with_ids(queries, documents)
+    text, ids = config.observation_renderer(tokens.codec).render_with_ids(queries, documents)
     return ids if ids is not None else tokens.encode(text)
 
 
@@ -207,8 +205,8 @@ class RagR1AgentLoop(AgentLoopBase):
             can_search = round_number < self.settings.max_turns
             if not await self._round(request_id, prompt_ids, sampling_params, response, stats, can_search):
                 break
-        else:  # no final round (final_round: false): the last search's results were the end
-            stats.budget_hit = not self.settings.final_round and stats.searches > 0
+        else:  # reached only without a final round: the last search's results were the end
+            stats.budget_hit = stats.searches > 0
         stats.truncated = response.truncate(self.response_length) or stats.truncated
         return AgentLoopOutput(
             prompt_ids=prompt_ids,

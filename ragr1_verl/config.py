@@ -14,7 +14,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ragr1_verl.protocol import Mode, ObservationFormat, QueryRules, default_template
+from ragr1_verl.protocol import (
+    Codec,
+    Mode,
+    ObservationFormat,
+    ObservationRenderer,
+    QueryRules,
+    default_template,
+)
 from ragr1_verl.retrieval_client import RetrieverSettings
 
 URL_ENV = "RAGR1_RETRIEVER_URL"
@@ -47,6 +54,10 @@ class RagR1Config:
     @property
     def query_rules(self) -> QueryRules:
         return QueryRules(self.mode, self.query_separator, self.max_queries_per_search, self.over_query_cap)
+
+    def observation_renderer(self, codec: Codec | None = None) -> ObservationRenderer:
+        """How this section renders search results; ``codec``: the policy's tokenizer, for the budget."""
+        return ObservationRenderer(self.mode, self.observation_format, codec, self.max_obs_tokens_per_query)
 
 
 CHOICES = {  # the allowed values of each ragr1 key that has a fixed set; CLIs take their choices from here

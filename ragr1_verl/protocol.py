@@ -346,9 +346,11 @@ class ObservationRenderer:
                         ) -> tuple[str, list[int] | None]:
         """The block and, where counting the budget already encoded it, its token ids (else None)."""
         units = document_units(documents, self.mode, self.observation_format)
+        if self.codec is None:
+            return self._block(queries, units)[0], None
         text, spans = self._block(queries, units)
         encoded = self._encode_with_offsets(text)
-        if encoded is None:  # no codec, or a slow tokenizer: each unit is counted on its own
+        if encoded is None:  # a slow tokenizer: each unit is counted on its own
             units = [self._within_budget(unit) for unit in units]
             return self._block(queries, units)[0], None
         ids, offsets = encoded
@@ -369,8 +371,6 @@ class ObservationRenderer:
         return None if encode is None else encode(text)
 
     def _within_budget(self, unit: str) -> str:
-        if self.codec is None:
-            return unit
         rendered = json.dumps(unit)[1:-1] if self.json_escaped else unit
         ids = self.codec.encode(rendered)
         if len(ids) <= self.max_tokens_per_unit:
@@ -419,12 +419,14 @@ def _layout(queries: Sequence[str], units: Sequence[str], mode: Mode,
     """The block's content and the character range of each unit in it (as rendered: JSON-escaped in mq)."""
     pieces: list[str] = []
     spans: list[tuple[int, int]] = []
+    length = 0
 
     def add(text: str, unit: bool = False) -> None:
-        start = sum(map(len, pieces))
+        nonlocal length
         if unit:
-            spans.append((start, start + len(text)))
+            spans.append((length, length + len(text)))
         pieces.append(text)
+        length += len(text)
 
     if observation_format == "ragr1" and mode == "mq":
         add(f'{{\n  "query": {_indented_json_list(queries)},\n  "documents": ')

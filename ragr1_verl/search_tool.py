@@ -70,8 +70,8 @@ class MultiQuerySearchTool(BaseTool):
             logger.warning("retrieval failed: %s", result.error)
             metrics["retrieval_failed"] = True
             return ToolResponse(text=protocol.retrieval_failed_text(result.error or "unknown error")), 0.0, metrics
-        renderer = protocol.ObservationRenderer(self.settings.mode, self.settings.observation_format)
-        return ToolResponse(text=renderer.body(queries.queries, result.documents)), 0.0, metrics
+        text = self.settings.observation_renderer().body(queries.queries, result.documents)
+        return ToolResponse(text=text), 0.0, metrics
 
     def _queries(self, parameters: dict[str, Any]) -> protocol.Queries:
         """``query_list`` as a list of strings; a single string is split like a ``<search>`` tag's content."""

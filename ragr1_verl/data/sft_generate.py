@@ -232,37 +232,39 @@ def text_tools(args: argparse.Namespace) -> tuple[Callable[[Messages], str] | No
     if args.tokenizer is None and args.api == "completions":
         raise DataError("--api completions renders the teacher's chat template here: give --tokenizer (or use "
                         "--api chat with a vLLM/SGLang server)")
+    teacher_tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     render = None
     if args.api == "completions":
         try:
-            render = template_renderer(load_tokenizer(args.tokenizer))
+            render = template_renderer(teacher_tokenizer)
         except ValueError as err:
             raise DataError(f"--tokenizer {args.tokenizer}: {err}") from None
-    tokenizer = _budget_tokenizer(args)
+    tokenizer = _budget_tokenizer(args, teacher_tokenizer)
     return render, None if tokenizer is None else policy_codec(tokenizer)
 
 
 def scripted_tools(args: argparse.Namespace) -> tuple[Codec | None, Callable[[str], int] | None]:
     """What the policy's tokenizer gives the scripted teacher: the budget of retrieved text and the token count
     of a turn (kept under --max-tokens-per-turn)."""
-    tokenizer = _budget_tokenizer(args)
+    tokenizer = _budget_tokenizer(args, load_tokenizer(args.tokenizer) if args.tokenizer is not None else None)
     if tokenizer is None:
         logger.warning("turns are not held to --max-tokens-per-turn without --tokenizer")
         return None, None
     return policy_codec(tokenizer), token_counter(tokenizer)
 
 
-def _budget_tokenizer(args: argparse.Namespace) -> Any:
-    """The tokenizer the budget of retrieved text counts in: the policy's, else the teacher's."""
+def _budget_tokenizer(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The tokenizer the budget of retrieved text counts in: the policy's, else ``tokenizer`` (the loaded
+    ``--tokenizer``, or None)."""
     if args.policy_tokenizer is not None:
         return load_tokenizer(args.policy_tokenizer, "--policy-tokenizer")
-    if args.tokenizer is None:
+    if tokenizer is None:
         logger.warning("no --policy-tokenizer or --tokenizer: retrieved text is not cut to --max-obs-tokens")
         return None
     if getattr(args, "teacher", "openai") != "scripted":
         logger.info("the --max-obs-tokens budget counts in the teacher's tokenizer (--tokenizer); give "
                     "--policy-tokenizer when the trained model's differs")
-    return load_tokenizer(args.tokenizer)
+    return tokenizer
 
 
 def load_questions(args: argparse.Namespace) -> list[Question]:

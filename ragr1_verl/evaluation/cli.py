@@ -38,6 +38,7 @@ from ragr1_verl.evaluation.protocols import (
 )
 from ragr1_verl.evaluation.runner import (
     RESULTS_FILE,
+    RUN_FILE,
     EvalSettings,
     Evaluator,
     finished_ids,
@@ -48,7 +49,6 @@ from ragr1_verl.evaluation.runner import (
 
 logger = logging.getLogger("ragr1_verl.evaluation")
 
-RUN_FILE = "run.json"
 SMOLLM2 = "smollm2"
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ragr1_verl.config import RagR1Config
+
 logger = logging.getLogger(__name__)
 
 PROTOCOL_NAMES = ("project", "paper")
@@ -35,8 +37,10 @@ class EvalProtocol:
     gold: Literal["any_alias", "first"]
 
 
-PROJECT = EvalProtocol("project", max_tokens_per_turn=500, max_turns=5, final_round=True,
-                       max_obs_tokens_per_query=1000, max_queries_per_search=3, max_response_tokens=6144,
+_TRAINING = RagR1Config()  # the project protocol keeps the training rollout's per-round rules
+PROJECT = EvalProtocol("project", max_tokens_per_turn=_TRAINING.max_tokens_per_turn, max_turns=5,
+                       final_round=_TRAINING.final_round, max_obs_tokens_per_query=_TRAINING.max_obs_tokens_per_query,
+                       max_queries_per_search=_TRAINING.max_queries_per_search, max_response_tokens=6144,
                        temperature=0.7, sampling_from_generation_config=False, normalizer="training",
                        gold="any_alias")
 PAPER = EvalProtocol("paper", max_tokens_per_turn=1024, max_turns=5, final_round=False,

@@ -118,9 +118,8 @@ def shared_rows(rows: Sequence[BenchmarkSummary], other: Sequence[BenchmarkSumma
     return kept + [_average(kept)] if len(kept) > 1 else kept
 
 
-def protocol_header(run: dict[str, Any]) -> str:
-    """What ``summary.md`` says about how its numbers were measured (from the run's ``run.json``)."""
-    protocol, mode = run.get("protocol", "project"), run.get("ragr1", {}).get("mode", "mq")
+def protocol_header(protocol: str, mode: str) -> str:
+    """What ``summary.md`` says about how its numbers were measured."""
     if protocol == "paper":
         return (f"Protocol: **paper** (the original evaluation script's rules; see the README's protocol "
                 f"table). Paper column: RAG-R1-{mode}, Table 3 (EM, Qwen2.5-7B-Instruct, KILT with BGE-large).")
@@ -142,8 +141,11 @@ def paper_table(rows: Sequence[BenchmarkSummary], mode: str) -> str:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
+    """The run's settings (``run.json``); empty when there are none to read."""
+    from ragr1_verl.evaluation.runner import RUN_FILE
+
     try:
-        return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+        return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -152,8 +154,8 @@ def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[Benc
     """``summary.md``, ``summary.json`` and the plots of one run; returns the rows."""
     rows = summarize(records)
     run = read_run(run_dir)
-    mode = run.get("ragr1", {}).get("mode", "mq")
-    text = f"{protocol_header(run)}\n\n{markdown_table(rows)}\n\n{paper_table(rows, mode)}\n"
+    protocol, mode = run.get("protocol", "project"), run.get("ragr1", {}).get("mode", "mq")
+    text = f"{protocol_header(protocol, mode)}\n\n{markdown_table(rows)}\n\n{paper_table(rows, mode)}\n"
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
     (run_dir / "summary.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n",
                                           encoding="utf-8")

@@ -26,6 +26,7 @@ from ragr1_verl.reward import compute_score, gold_answers, normalize_answer_eval
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"  # the run's settings (settings_record)
 
 
 @dataclass(frozen=True)
@@ -203,10 +204,11 @@ def trajectory_record(question: EvalQuestion, output: Any, tokenizer: Any, secon
     extra = {key.removeprefix("ragr1/"): value for key, value in output.extra_fields.items()
              if key.startswith("ragr1/")}
     scores = compute_score(question.data_source, trajectory, question.golden_answers, output.extra_fields)
+    answer = extract_answer(trajectory)
     return {
         "id": question.id, "data_source": question.data_source, "question": question.question,
-        "golden_answers": question.golden_answers, "answer": extract_answer(trajectory),
-        "em": protocol_em(protocol, extract_answer(trajectory), question.golden_answers, scores["acc"]),
+        "golden_answers": question.golden_answers, "answer": answer,
+        "em": protocol_em(protocol, answer, question.golden_answers, scores["acc"]),
         "em_any_alias": scores["acc"], "f1": scores["f1"], "substring_em": scores["substring_em"],
         "format_ok": scores["format_ok"], "searches": int(extra.get("searches", 0)),
         "queries": int(extra.get("queries", 0)), "invalid_actions": int(extra.get("invalid_actions", 0)),

@@ -2,10 +2,11 @@
 
 It follows :class:`ragr1_verl.agent_loop.RagR1AgentLoop` round for round (both decide each round with
 ``protocol.round_outcome`` and render observations with ``protocol.ObservationRenderer``), so the SFT data
-shows the student the rollout it will run in RL: each round the teacher writes up to a stop string; an answer ends the trajectory;
-a round the teacher ended on its own without an action ends it too; otherwise a search is answered with
-``<information>`` (or a reminder after an invalid action) and the next round continues the same assistant
-message. After ``max_turns`` such rounds one last round runs, in which a search ends the trajectory unanswered.
+shows the student the rollout it will run in RL: each round the teacher writes up to a stop string; an answer
+ends the trajectory; a round the teacher ended on its own without an action ends it too; otherwise a search is
+answered with ``<information>`` (or a reminder after an invalid action) and the next round continues the same
+assistant message. After ``max_turns`` such rounds one last round runs (unless ``final_round`` is off), in
+which a search ends the trajectory unanswered.
 
 Unlike the rollout, a failed retrieval is not shown to the model: a trajectory built on a failure message is
 no SFT sample, so :class:`RetrievalFailed` stops the run and the question is retried when the run resumes.
@@ -134,7 +135,4 @@ async def _observe(action: protocol.Action, settings: EpisodeSettings,
 
 def observation_text(settings: EpisodeSettings, queries: Sequence[str], documents: Sequence[Sequence[dict]]) -> str:
     """One search's ``<information>`` block, as the rollout renders it for the policy's tokenizer."""
-    config = settings.config
-    renderer = protocol.ObservationRenderer(config.mode, config.observation_format, settings.codec,
-                                            config.max_obs_tokens_per_query)
-    return renderer.render(queries, documents)
+    return settings.config.observation_renderer(settings.codec).render(queries, documents)
