@@ -43,7 +43,7 @@ Kind = Literal["single-hop", "comparison", "bridge"]
 TEACHER_NAME = "scripted"
 # Whether a bridge question also asks the question itself up front in mq mode (beside step 1's query). Off: on
 # the demo data it saves few second searches but adds a passage to every bridge trajectory, and 45 of 166 mq
-# trajectories then outgrow the CPU recipe's 640-token responses (1 of 166 without it).
+# trajectories then outgrow 640 tokens (1 of 166 without it; the CPU recipe allows 768).
 BRIDGE_ASKS_THE_QUESTION = False
 # When a turn would pass the round's token cap, its quotes are cut to these many words, in turn.
 QUOTE_WORDS = (24, 14)
