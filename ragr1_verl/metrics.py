@@ -9,7 +9,7 @@ no public hook for more. So :func:`install` wraps that method (after the module 
 that it still looks as in verl 0.9.x) to read the step's ``extra_fields`` from TransferQueue and add
 :func:`aggregate`'s means. It is the only place that touches verl; the aggregation itself is plain Python.
 
-Every key is named once, in :data:`METRICS`; the README's "Training metrics" table documents them.
+Every key is named once, in :data:`METRICS` and :data:`GROUP_KEYS`; the README's "Training metrics" table documents them.
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("ragr1/substring_em", "reward", "substring_em"),
     Metric("ragr1/format_ok", "reward", "format_ok"),
 )
-KEYS: tuple[str, ...] = tuple(metric.key for metric in METRICS)
+# Group statistics of a step whose prompts were sampled several times (GRPO's groups, verl's rollout.n > 1):
+# a group whose trajectories all got the same reward gives every one of them advantage 0, so the share of
+# groups with different rewards is the share of the batch that teaches the policy anything.
+GROUP_KEYS: tuple[str, ...] = ("ragr1/groups", "ragr1/groups_with_signal", "ragr1/group_reward_std")
+KEYS: tuple[str, ...] = tuple(metric.key for metric in METRICS) + GROUP_KEYS
 
 
 def _number(value: Any) -> float | None:
@@ -130,19 +134,53 @@ def aggregate(trajectories: Iterable[Any]) -> dict[str, float]:
     return means
 
 
+def group_statistics(groups: Mapping[str, Iterable[Any]]) -> dict[str, float]:
+    """``ragr1/groups`` (prompts with 2 or more scored trajectories), ``ragr1/groups_with_signal`` (the share of
+    them whose rewards differ) and ``ragr1/group_reward_std`` (the mean over them of the rewards' population
+    standard deviation), from each prompt's trajectories' ``extra_fields``. Empty when no prompt has two
+    scored trajectories (n = 1: PPO with a critic, or validation)."""
+    spreads = []
+    for trajectories in groups.values():
+        scores = [_number(_mapping(_mapping(fields).get("reward_extra_info")).get("score"))
+                  for fields in trajectories]
+        scores = [score for score in scores if score is not None]
+        if len(scores) >= 2:
+            mean = sum(scores) / len(scores)
+            spreads.append((max(scores) > min(scores), (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5))
+    if not spreads:
+        return {}
+    return {"ragr1/groups": float(len(spreads)),
+            "ragr1/groups_with_signal": sum(differ for differ, _ in spreads) / len(spreads),
+            "ragr1/group_reward_std": sum(std for _, std in spreads) / len(spreads)}
+
+
+def prompt_of(key: str) -> str:
+    """The prompt a v1 trajectory key belongs to: verl keys trajectories ``{uid}_{session}_{index}``, with
+    one ``uid`` per sampled prompt (``trainer/ppo/v1/replay_buffer.py``)."""
+    return key.split("_", 1)[0]
+
+
 # -- verl: the v1 trainer's per-step metrics ------------------------------------------------------------------
 
-def step_extra_fields(batch: Any) -> list[Any]:
-    """The ``extra_fields`` of a v1 step's real trajectories (verl's batch-padding copies left out), read
-    from TransferQueue, where the step's data stays until after the metrics are logged."""
+def step_extra_fields(batch: Any) -> dict[str, Any]:
+    """The ``extra_fields`` of a v1 step's real trajectories (verl's batch-padding copies left out) by their
+    key, read from TransferQueue, where the step's data stays until after the metrics are logged."""
     import transfer_queue as tq
 
     keys = [key for key, tag in zip(batch.keys, batch.tags, strict=True)
             if not (isinstance(tag, Mapping) and tag.get("is_padding", False))]
     if not keys:
-        return []
+        return {}
     data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-    return list(data["extra_fields"])
+    return dict(zip(keys, data["extra_fields"], strict=True))
+
+
+def step_metrics(fields_by_key: Mapping[str, Any]) -> dict[str, float]:
+    """:func:`aggregate`'s means and :func:`group_statistics` of one step's trajectories (by v1 key)."""
+    groups: dict[str, list[Any]] = {}
+    for key, fields in fields_by_key.items():
+        groups.setdefault(prompt_of(str(key)), []).append(fields)
+    return {**aggregate(fields_by_key.values()), **group_statistics(groups)}
 
 
 class VerlMetricsHookChanged(RuntimeError):
@@ -168,7 +206,7 @@ def patch_trainer(trainer_base: ModuleType) -> None:
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         result = original(self, batch, metrics, timing_raw, global_steps, epoch)
         try:
-            metrics.update(aggregate(step_extra_fields(batch)))
+            metrics.update(step_metrics(step_extra_fields(batch)))
         except Exception:
             logger.exception("ragr1: the ragr1/ metrics of step %s could not be computed", global_steps)
         return result

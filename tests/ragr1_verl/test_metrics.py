@@ -56,7 +56,7 @@ def test_the_means_over_trajectories_and_queries_per_search_over_searches():
     assert means["ragr1/em"] == pytest.approx(0.25)
     assert means["ragr1/f1"] == pytest.approx(1.5 / 4)
     assert means["ragr1/format_ok"] == 1.0
-    assert set(means) == set(metrics.KEYS)
+    assert set(means) == {metric.key for metric in metrics.METRICS}
     assert all(type(value) is float for value in means.values())  # JSON- and wandb-ready
 
 
@@ -142,6 +142,41 @@ def test_the_hook_adds_the_means_of_the_real_trajectories_to_the_step_metrics(mo
     assert requests == [(["k0", "k1"], "train", ["extra_fields"])]  # verl's padding copies left out
     assert step_metrics["critic/score/mean"] == 0.5
     assert step_metrics["ragr1/searches_per_trajectory"] == 1.0 and step_metrics["ragr1/queries_per_search"] == 2.0
+
+
+def scored(score):
+    return trajectory(searches=1, queries=1, reward=reward(score, score))
+
+
+def test_group_statistics_count_the_groups_whose_rewards_differ():
+    stats = metrics.group_statistics({
+        "a": [scored(1.0), scored(0.0), scored(0.0), scored(1.0)],  # signal, std 0.5
+        "b": [scored(0.0)] * 4,                                    # all 0: advantage 0 for every one
+        "c": [scored(1.0)] * 4,                                    # all 1: the same
+        "d": [scored(1.0)],                                        # one trajectory: not a group
+    })
+    assert stats == {"ragr1/groups": 3.0, "ragr1/groups_with_signal": pytest.approx(1 / 3),
+                     "ragr1/group_reward_std": pytest.approx(0.5 / 3)}
+    assert set(stats) == set(metrics.GROUP_KEYS)
+    assert metrics.group_statistics({"a": [scored(1.0)], "b": [scored(0.0)]}) == {}  # n = 1
+    assert metrics.group_statistics({"a": [trajectory(), trajectory()]}) == {}  # nothing scored
+
+
+def test_the_hook_groups_trajectories_by_verls_prompt_uid(monkeypatch):
+    """v1 keys are ``{uid}_{session}_{index}``: the trajectories of one sampled prompt share the uid."""
+    stored = {"u1_s1_0": scored(1.0), "u1_s2_0": scored(0.0), "u2_s3_0": scored(0.0), "u2_s4_0": scored(0.0)}
+
+    def kv_batch_get(keys, partition_id, select_fields):
+        return {"extra_fields": [stored[key] for key in keys]}
+
+    monkeypatch.setitem(sys.modules, "transfer_queue", types.SimpleNamespace(kv_batch_get=kv_batch_get))
+    module = fake_trainer_module(lambda self, batch, metrics, timing_raw, global_steps, epoch: None)
+    metrics.patch_trainer(module)
+    step_metrics = {}
+    batch = types.SimpleNamespace(keys=list(stored), partition_id="train", tags=[{}] * 4)
+    module.PPOTrainer()._compute_metrics(batch, step_metrics, {}, 1, 0)
+    assert step_metrics["ragr1/groups"] == 2.0 and step_metrics["ragr1/groups_with_signal"] == 0.5
+    assert step_metrics["ragr1/em"] == 0.25
 
 
 def test_a_failing_metric_does_not_stop_the_step(monkeypatch, caplog):

@@ -96,7 +96,10 @@ def test_every_training_step_logs_the_rollouts_and_the_rewards_own_means(ppo_run
         logged = metrics[step]
         searches = logged["ragr1/searches_per_trajectory"]
         # every key, from the training batch (not val-aux); queries per search only in a step with a search
-        assert set(ragr1_metrics.KEYS) - set(logged) <= {"ragr1/queries_per_search"}, step
+        # (n = 1: no prompt is sampled twice, so there are no group statistics)
+        missing = set(ragr1_metrics.KEYS) - set(logged)
+        assert missing <= {"ragr1/queries_per_search", *ragr1_metrics.GROUP_KEYS}, step
+        assert not set(ragr1_metrics.GROUP_KEYS) & set(logged), step
         assert ("ragr1/queries_per_search" in logged) == (searches > 0), step
         assert logged["ragr1/trajectories"] == 4  # train_batch_size 4, n 1: verl's batch padding left out
         assert 0.0 <= searches <= 2  # ragr1.max_turns of the recipe
