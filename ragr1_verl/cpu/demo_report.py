@@ -10,16 +10,24 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ragr1_verl.evaluation import stats
+from ragr1_verl.evaluation.stats import Interval
 
 logger = logging.getLogger(__name__)
 
 # (header, metric keys tried in order, format) of one RL training step; the ragr1/* keys are the rollout's own.
+REWARD = "critic/score/mean"
+# Not a verl metric: the running mean of the reward that format_rl_row_with_history puts beside it.
+REWARD_MEAN = "ragr1_demo/reward_mean5"
+REWARD_WINDOW = 5
 RL_COLUMNS = (
     ("step", (), "{:>4}"),
-    ("reward", ("critic/score/mean",), "{:>6.3f}"),
+    ("reward", (REWARD,), "{:>6.3f}"),
+    ("mean5", (REWARD_MEAN,), "{:>5.3f}"),
     ("EM", ("ragr1/em",), "{:>5.3f}"),
     ("searches/traj", ("ragr1/searches_per_trajectory",), "{:>13.2f}"),
     ("queries/search", ("ragr1/queries_per_search",), "{:>14.2f}"),
@@ -51,11 +59,40 @@ def rl_header() -> str:
 
 
 def format_rl_row(step: int, metrics: Mapping[str, Any]) -> str:
+    """One step's row. ``mean5`` needs the earlier steps: ``-`` here, see :func:`format_rl_row_with_history`."""
     cells = []
     for header, keys, fmt in RL_COLUMNS:
         value = step if not keys else next((metrics[k] for k in keys if metrics.get(k) is not None), None)
         cells.append(_cell(value, fmt, max(len(header), 4)))
     return "  ".join(cells)
+
+
+def format_rl_row_with_history(step: int, metrics_by_step: Mapping[int, Mapping[str, Any]]) -> str:
+    """Step ``step``'s row with ``mean5``: the mean reward over the last (up to) 5 steps up to this one.
+
+    With 2 prompts a step the per-step reward is 0, 0.5 or 1, so its trend is only readable smoothed.
+    """
+    metrics = dict(metrics_by_step.get(step, {}))
+    rewards = [value for at, value in _rewards(metrics_by_step) if at <= step][-REWARD_WINDOW:]
+    if metrics.get(REWARD) is not None and rewards:
+        metrics[REWARD_MEAN] = sum(rewards) / len(rewards)
+    return format_rl_row(step, metrics)
+
+
+def reward_window_means(metrics_by_step: Mapping[int, Mapping[str, Any]],
+                        window: int = REWARD_WINDOW) -> tuple[float | None, float | None]:
+    """(mean train reward over the first ``window`` steps, over the last ``window`` steps); ``None`` without
+    rewards. With fewer than ``2 * window`` steps the two windows overlap."""
+    rewards = [value for _, value in _rewards(metrics_by_step)]
+    if not rewards:
+        return None, None
+    first, last = rewards[:window], rewards[-window:]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
+def _rewards(metrics_by_step: Mapping[int, Mapping[str, Any]]) -> list[tuple[int, float]]:
+    return [(step, float(values[REWARD])) for step, values in sorted(metrics_by_step.items())
+            if values.get(REWARD) is not None]
 
 
 def validation_summary(metrics: Mapping[int, Mapping[str, Any]]) -> str | None:
@@ -75,7 +112,11 @@ def validation_summary(metrics: Mapping[int, Mapping[str, Any]]) -> str | None:
 
 @dataclass(frozen=True)
 class EvalRow:
-    """One evaluated model on one group of questions."""
+    """One evaluated model on one group of questions.
+
+    ``em_low``/``em_high``: EM's 95% interval (bootstrap over the group's questions); ``em_by_question``: each
+    question's EM, kept so that :func:`difference_rows` can pair two models question by question.
+    """
 
     label: str
     group: str
@@ -86,9 +127,29 @@ class EvalRow:
     queries_per_search: float
     seconds_per_question: float
     protocol: float  # share of trajectories that follow the protocol (tags well formed, an answer at the end)
+    em_low: float | None = None
+    em_high: float | None = None
+    em_by_question: tuple[tuple[str, float], ...] = field(default=(), repr=False, compare=False)
 
 
-EVAL_HEADER = ("model", "questions", "EM", "F1", "searches/q", "queries/search", "s/question", "protocol %")
+@dataclass(frozen=True)
+class DifferenceRow:
+    """``after``'s EM minus ``before``'s on the same questions of ``group``, with its paired 95% interval."""
+
+    after: str
+    before: str
+    group: str
+    difference: Interval
+
+    @property
+    def name(self) -> str:
+        pair = f"{self.after} - {self.before}"
+        return pair if self.group == "all" else f"{pair} ({self.group})"
+
+
+EVAL_HEADER = ("model", "questions", "EM [95% CI]", "F1", "searches/q", "queries/search", "s/question",
+               "protocol %")
+DIFFERENCE_HEADER = ("EM difference", "questions", "paired [95% CI]")
 
 
 def eval_rows(label: str, records: Sequence[Mapping[str, Any]], wall_seconds: float,
@@ -108,29 +169,78 @@ def eval_rows(label: str, records: Sequence[Mapping[str, Any]], wall_seconds: fl
 def _eval_row(label: str, group: str, records: Sequence[Mapping[str, Any]], per_question: float) -> EvalRow:
     count = len(records)
     searches = sum(record["searches"] for record in records)
+    em_by_question = stats.scores_by_question(records)
+    interval = stats.bootstrap_mean(list(em_by_question.values()))
     return EvalRow(label=label, group=group, questions=count,
                    em=sum(record["em"] for record in records) / count,
                    f1=sum(record["f1"] for record in records) / count,
                    searches_per_question=searches / count,
                    queries_per_search=sum(record["queries"] for record in records) / searches if searches else 0.0,
                    seconds_per_question=per_question,
-                   protocol=sum(bool(record["format_ok"]) for record in records) / count)
+                   protocol=sum(bool(record["format_ok"]) for record in records) / count,
+                   em_low=interval.low, em_high=interval.high, em_by_question=tuple(em_by_question.items()))
 
 
-def eval_table(rows: Sequence[EvalRow]) -> str:
-    """A plain-text table: the ``all`` row of each model, then each model's rows by question type."""
-    widths = [max(len(header), 14) if i == 0 else len(header) for i, header in enumerate(EVAL_HEADER)]
-    lines = ["  ".join(header.rjust(width) for header, width in zip(EVAL_HEADER, widths, strict=True))]
+def difference_rows(rows: Sequence[EvalRow]) -> list[DifferenceRow]:
+    """Each model against the one evaluated before it (``sft - base``, ``rl - sft``), overall and per question
+    type: the paired EM difference with its bootstrap interval over questions.
+
+    A pair whose question sets differ is left out, with a warning naming the questions.
+    """
+    labels = list(dict.fromkeys(row.label for row in rows))
+    by_key = {(row.label, row.group): row for row in rows}
+    groups = list(dict.fromkeys(row.group for row in rows))
+    pairs = list(zip(labels, labels[1:]))
+    # as the model rows: every pair on all questions, then each pair by question type
+    order = [(pair, "all") for pair in pairs] + [(pair, g) for pair in pairs for g in groups if g != "all"]
+    out = []
+    for (before, after), group in order:
+        first, second = by_key.get((before, group)), by_key.get((after, group))
+        if first is None or second is None or not first.em_by_question or not second.em_by_question:
+            continue
+        try:
+            interval = stats.pooled_paired_difference([dict(second.em_by_question)], dict(first.em_by_question),
+                                                      labels=[after, before])
+        except ValueError as error:
+            logger.warning("no EM difference %s - %s (%s): %s", after, before, group, error)
+            continue
+        out.append(DifferenceRow(after, before, group, interval))
+    return out
+
+
+def eval_table(rows: Sequence[EvalRow], differences: Sequence[DifferenceRow] | None = None) -> str:
+    """A plain-text table: the ``all`` row of each model, then each model's rows by question type; then the
+    paired EM differences (``differences``, by default :func:`difference_rows` of ``rows``)."""
     overall = [row for row in rows if row.group == "all"]
     by_type = [row for row in rows if row.group != "all"]
-    for row in overall + by_type:
-        name = row.label if row.group == "all" else f"{row.label}/{row.group}"
-        values = (name, f"{row.questions}", f"{row.em:.3f}", f"{row.f1:.3f}", f"{row.searches_per_question:.2f}",
-                  f"{row.queries_per_search:.2f}", f"{row.seconds_per_question:.2f}", f"{100 * row.protocol:.0f}")
-        lines.append("  ".join(value.rjust(width) for value, width in zip(values, widths, strict=True)))
-        if row is overall[-1] and by_type:
-            lines.append("")
+    cells = [_eval_cells(row) for row in overall + by_type]
+    lines = _aligned(EVAL_HEADER, cells, blank_after=len(overall) if by_type else None)
+    differences = difference_rows(rows) if differences is None else differences
+    if differences:
+        overall_differences = sum(row.group == "all" for row in differences)
+        cells = [(row.name, f"{row.difference.n}", row.difference.format(3, signed=True)) for row in differences]
+        blank = overall_differences if 0 < overall_differences < len(differences) else None
+        lines += ["", *_aligned(DIFFERENCE_HEADER, cells, blank_after=blank)]
     return "\n".join(lines)
+
+
+def _eval_cells(row: EvalRow) -> tuple[str, ...]:
+    name = row.label if row.group == "all" else f"{row.label}/{row.group}"
+    em = f"{row.em:.3f}" if row.em_low is None or row.em_high is None else \
+        f"{row.em:.3f} [{row.em_low:.3f}, {row.em_high:.3f}]"
+    return (name, f"{row.questions}", em, f"{row.f1:.3f}", f"{row.searches_per_question:.2f}",
+            f"{row.queries_per_search:.2f}", f"{row.seconds_per_question:.2f}", f"{100 * row.protocol:.0f}")
+
+
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]], blank_after: int | None = None) -> list[str]:
+    """Right-aligned columns as wide as their widest cell (the first at least 14, as model names vary)."""
+    widths = [max([len(name), 14 if i == 0 else 0, *(len(row[i]) for row in rows)]) for i, name in enumerate(header)]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(header, widths, strict=True))]
+    for number, row in enumerate(rows):
+        if number == blank_after:
+            lines.append("")
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    return lines
 
 
 # -- plot -------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Writes into ``--out``: ``results.jsonl`` (one line per question: the full trajec
 searches, queries, seconds), ``summary.md`` / ``summary.json`` (per benchmark: EM, F1, retrieval rounds,
 queries per search, seconds per question), ``em_per_benchmark.png`` and ``retrieval_rounds.png``, and
 ``run.json`` (the settings). A rerun with the same settings resumes; ``--compare OTHER_RUN`` adds
-``comparison.md`` / ``comparison.json`` / ``comparison.png`` (the two runs side by side).
+``comparison.md`` / ``comparison.json`` / ``comparison.png`` (the two runs side by side, EM with 95% bootstrap
+intervals and the paired difference); ``--seed-runs`` adds each seed's difference and the pooled one.
 """
 
 from __future__ import annotations
@@ -96,8 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollout_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="evaluate the first N questions of each file")
     parser.add_argument("--overwrite", action="store_true", help="discard previous results in --out")
-    parser.add_argument("--compare", type=Path, metavar="RUN_DIR", help="another run to put side by side")
+    parser.add_argument("--compare", type=Path, metavar="RUN_DIR",
+                        help="another run to put side by side: each EM with its 95 percent confidence interval "
+                             "(bootstrap over questions), and this run's EM minus that run's, paired by question, "
+                             "with its interval")
     parser.add_argument("--labels", nargs=2, metavar=("OTHER", "THIS"), help="names of --compare and --out")
+    parser.add_argument("--seed-runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="with --compare: other runs of this run's model with other seeds, on the same "
+                             "questions; adds each seed's paired EM difference against --compare and the one "
+                             "pooled over the seeds (each question's difference averaged over them)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -296,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         code = 0
+        if args.seed_runs and not args.compare:  # before a long evaluation, not after it
+            raise DataError("--seed-runs needs --compare (the run the seeds are compared with)")
         if args.demo:
             code = _run_demo(args)
         elif args.data:
@@ -304,12 +314,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError("nothing to do: give --data to evaluate, or --compare to compare runs")
         if not (args.out / RESULTS_FILE).is_file():
             return code or 2  # nothing finished: no summary to write
-        rows = report.write_summary(args.out, report.read_results(args.out))
+        records = report.read_results(args.out)
+        rows = report.write_summary(args.out, records)
         logger.info("%s\n\n%s", args.out, report.markdown_table(rows))
         if args.compare:
-            other = report.summarize(report.read_results(args.compare))
+            other_records = report.read_results(args.compare)
             labels = args.labels or (args.compare.name, args.out.name)
-            table = report.write_comparison(args.out, labels[0], other, labels[1], rows)
+            seed_runs = [(run.name, report.read_results(run)) for run in args.seed_runs or ()]
+            try:
+                table = report.write_comparison(args.out, labels[0], report.summarize(other_records), labels[1],
+                                                rows, records_a=other_records,
+                                                records_b=records, seed_runs=seed_runs)
+            except ValueError as error:  # seed runs on other questions than --compare
+                raise DataError(f"--seed-runs: {error}") from None
             logger.info("\n%s vs %s\n\n%s", labels[0], labels[1], table)
     except (DataError, FileNotFoundError) as error:
         logger.error("error: %s", error)

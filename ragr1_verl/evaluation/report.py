@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl.evaluation import stats
 from ragr1_verl.evaluation.protocols import PAPER_AVERAGE, PAPER_COLUMNS, PAPER_TABLE3
 
 logger = logging.getLogger(__name__)
@@ -95,20 +96,135 @@ def markdown_table(rows: Sequence[BenchmarkSummary]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class EMComparison:
+    """One benchmark (or the average) of two runs: each EM with its 95% interval, and this run's paired
+    difference (``b - a``, same questions), all in percent. ``difference`` is ``None`` where the two runs do not
+    hold the same questions (a paired difference is then undefined)."""
+
+    benchmark: str
+    em_a: stats.Interval
+    em_b: stats.Interval
+    difference: stats.Interval | None
+
+
+def keyed_em(records: Sequence[dict[str, Any]], benchmarks: Sequence[str]) -> tuple[dict[str, float],
+                                                                                    dict[str, str]]:
+    """``"benchmark: question" -> EM`` of the records of ``benchmarks`` (for paired statistics), and each such
+    key's benchmark (the strata of an average over benchmarks)."""
+    em: dict[str, float] = {}
+    strata: dict[str, str] = {}
+    for name in benchmarks:
+        group = [record for record in records if record["data_source"] == name]
+        for key, value in stats.scores_by_question(group).items():
+            em[f"{name}: {key}"], strata[f"{name}: {key}"] = value, name
+    return em, strata
+
+
+def em_interval(records: Sequence[dict[str, Any]], benchmarks: Sequence[str]) -> stats.Interval:
+    """EM (%) over ``benchmarks`` with its bootstrap interval; over several, the unweighted mean of their EMs
+    (as :func:`summarize` averages), each benchmark resampled on its own."""
+    em, strata = keyed_em(records, benchmarks)
+    return stats.bootstrap_mean(list(em.values()), strata=list(strata.values()) if len(benchmarks) > 1 else None
+                                ).scaled(100.0)
+
+
+def em_difference(after: Sequence[Sequence[dict[str, Any]]], before: Sequence[dict[str, Any]],
+                  benchmarks: Sequence[str], labels: Sequence[str] | None = None) -> stats.Interval:
+    """EM (%) of ``after`` minus ``before`` on ``benchmarks``, paired by question; with several ``after`` runs
+    (seeds), pooled: each question's difference averaged over the seeds, then questions resampled. Raises
+    ``ValueError`` naming the questions the runs do not share."""
+    before_em, strata = keyed_em(before, benchmarks)
+    after_em = [keyed_em(records, benchmarks)[0] for records in after]
+    return stats.pooled_paired_difference(after_em, before_em, strata=strata if len(benchmarks) > 1 else None,
+                                          labels=labels).scaled(100.0)
+
+
+def compare_em(label_a: str, records_a: Sequence[dict[str, Any]], label_b: str,
+               records_b: Sequence[dict[str, Any]]) -> list[EMComparison]:
+    """Per benchmark both runs share, then their average: each run's EM interval and ``b - a`` paired."""
+    names = [row.benchmark for row in shared_rows(summarize(records_a), summarize(records_b))]
+    out = []
+    for name in names:
+        benchmarks = [n for n in names if n != ALL] if name == ALL else [name]
+        try:
+            difference: stats.Interval | None = em_difference([records_b], records_a, benchmarks,
+                                                               labels=[label_b, label_a])
+        except ValueError as error:
+            logger.warning("%s: no paired difference: %s", name, error)
+            difference = None
+        out.append(EMComparison(name, em_interval(records_a, benchmarks), em_interval(records_b, benchmarks),
+                                difference))
+    return out
+
+
 def comparison_table(label_a: str, rows_a: Sequence[BenchmarkSummary], label_b: str,
-                     rows_b: Sequence[BenchmarkSummary]) -> str:
-    """Two runs side by side per benchmark: EM (Table 3) and rounds and seconds per question (Table 5)."""
+                     rows_b: Sequence[BenchmarkSummary], em: Sequence[EMComparison] | None = None) -> str:
+    """Two runs side by side per benchmark: EM (Table 3) and rounds and seconds per question (Table 5).
+
+    With ``em`` (:func:`compare_em`), three columns follow: each run's EM 95% interval (bootstrap over
+    questions) and the paired difference ``b - a`` with its interval.
+    """
     rows_a, rows_b = shared_rows(rows_a, rows_b), shared_rows(rows_b, rows_a)
     by_a, by_b = {r.benchmark: r for r in rows_a}, {r.benchmark: r for r in rows_b}
+    by_em = {c.benchmark: c for c in em or ()}
     names = [r.benchmark for r in rows_a]
     header = (f"| benchmark | EM {label_a} | EM {label_b} | rounds {label_a} | rounds {label_b} | "
               f"s/q {label_a} | s/q {label_b} |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if em is not None:
+        header += f" EM {label_a} 95% CI | EM {label_b} 95% CI | EM {label_b} - {label_a} (paired, 95% CI) |"
+        rule += "---:|---:|---:|"
+    lines = [header, rule]
     for name in names:
         a, b = by_a[name], by_b[name]
-        lines.append(f"| {name} | {a.em:.1f} | {b.em:.1f} | {a.retrieval_rounds:.2f} | {b.retrieval_rounds:.2f} | "
-                     f"{a.seconds_per_question:.2f} | {b.seconds_per_question:.2f} |")
+        line = (f"| {name} | {a.em:.1f} | {b.em:.1f} | {a.retrieval_rounds:.2f} | {b.retrieval_rounds:.2f} | "
+                f"{a.seconds_per_question:.2f} | {b.seconds_per_question:.2f} |")
+        if em is not None:
+            line += " " + " | ".join(_em_cells(by_em.get(name))) + " |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _em_cells(comparison: EMComparison | None) -> tuple[str, str, str]:
+    if comparison is None:
+        return "-", "-", "-"
+
+    def bounds(interval: stats.Interval) -> str:
+        return f"[{interval.low:.1f}, {interval.high:.1f}]"
+
+    difference = comparison.difference
+    return (bounds(comparison.em_a), bounds(comparison.em_b),
+            "- (other questions)" if difference is None else difference.format(1, signed=True))
+
+
+def seeds_table(label_before: str, records_before: Sequence[dict[str, Any]],
+                runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> tuple[str, list[dict[str, Any]]]:
+    """Several seeds of one model against ``before``: per benchmark (and their average), each seed's paired EM
+    difference and the pooled one (:func:`em_difference`), in percent. Returns the markdown and its numbers.
+
+    Every run must hold the questions ``before`` holds on the benchmarks they all share (``ValueError``)."""
+    shared = summarize(records_before)
+    for _, records in runs:
+        shared = shared_rows(shared, summarize(records))
+    names = [row.benchmark for row in shared]
+    labels = [label for label, _ in runs]
+    header = ("| benchmark | " + " | ".join(f"{label} - {label_before}" for label in labels)
+              + f" | pooled over {len(runs)} seeds |")
+    lines = [header, "|---|" + "---:|" * (len(runs) + 1)]
+    numbers = []
+    for name in names:
+        benchmarks = [n for n in names if n != ALL] if name == ALL else [name]
+        per_seed = [em_difference([records], records_before, benchmarks, labels=[label, label_before])
+                    for label, records in runs]
+        pooled = em_difference([records for _, records in runs], records_before, benchmarks,
+                               labels=[*labels, label_before])
+        cells = [interval.format(1, signed=True) for interval in (*per_seed, pooled)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        numbers.append({"benchmark": name, "before": label_before,
+                        "seeds": {label: interval.as_dict() for label, interval in zip(labels, per_seed, strict=True)},
+                        "pooled": pooled.as_dict()})
+    return "\n".join(lines), numbers
 
 
 def shared_rows(rows: Sequence[BenchmarkSummary], other: Sequence[BenchmarkSummary]) -> list[BenchmarkSummary]:
@@ -164,10 +280,40 @@ def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[Benc
 
 
 def write_comparison(out_dir: Path, label_a: str, rows_a: Sequence[BenchmarkSummary], label_b: str,
-                     rows_b: Sequence[BenchmarkSummary]) -> str:
-    table = comparison_table(label_a, rows_a, label_b, rows_b)
-    (out_dir / "comparison.md").write_text(table + "\n", encoding="utf-8")
+                     rows_b: Sequence[BenchmarkSummary], *, records_a: Sequence[dict[str, Any]] | None = None,
+                     records_b: Sequence[dict[str, Any]] | None = None,
+                     seed_runs: Sequence[tuple[str, Sequence[dict[str, Any]]]] = ()) -> str:
+    """``comparison.md`` / ``.json`` / ``.png``; returns the markdown.
+
+    With both runs' records, EM gets its 95% interval and ``b - a`` its paired interval (the JSON rows gain
+    ``em_ci95`` and, in ``b``'s rows, ``em_difference``). ``seed_runs``: more runs of ``b``'s model with other
+    seeds; a second table gives each seed's paired difference and the pooled one (``b``'s rows gain
+    ``em_difference_seeds``).
+    """
+    em = compare_em(label_a, records_a, label_b, records_b) if records_a is not None and records_b is not None \
+        else None
+    table = comparison_table(label_a, rows_a, label_b, rows_b, em)
     payload = {label_a: [asdict(r) for r in rows_a], label_b: [asdict(r) for r in rows_b]}
+    by_em = {c.benchmark: c for c in em or ()}
+    shared = set(by_em) - {ALL}
+    for label, rows in ((label_a, payload[label_a]), (label_b, payload[label_b])):
+        for row in rows:
+            comparison = by_em.get(row["benchmark"])
+            if comparison is None or (row["benchmark"] == ALL and {r["benchmark"] for r in rows} - {ALL} != shared):
+                continue  # a run's own average over more benchmarks than the two share is another number
+            interval = comparison.em_a if label == label_a else comparison.em_b
+            row["em_ci95"] = [interval.low, interval.high]
+            if label == label_b:
+                row["em_difference"] = None if comparison.difference is None else {
+                    "vs": label_a, **comparison.difference.as_dict()}
+    if seed_runs and records_b is not None and records_a is not None:
+        seeds, numbers = seeds_table(label_a, records_a, [(label_b, records_b), *seed_runs])
+        table += f"\n\nEM difference per seed (paired, 95% CI) and pooled over the seeds:\n\n{seeds}"
+        by_seeds = {entry["benchmark"]: entry for entry in numbers}
+        for row in payload[label_b]:
+            if row["benchmark"] in by_seeds:
+                row["em_difference_seeds"] = by_seeds[row["benchmark"]]
+    (out_dir / "comparison.md").write_text(table + "\n", encoding="utf-8")
     (out_dir / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     plot_comparison(out_dir, label_a, rows_a, label_b, rows_b)
     return table

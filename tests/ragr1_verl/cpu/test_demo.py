@@ -93,7 +93,7 @@ def test_eval_rows_average_per_question_and_queries_per_search_over_searches():
 def test_rl_rows_read_the_rollouts_own_metrics():
     row = report.format_rl_row(3, {"critic/score/mean": 0.25, "ragr1/em": 0.5, "ragr1/searches_per_trajectory": 1.0,
                                    "ragr1/queries_per_search": 1.5, "timing_s/step": 12.0})
-    assert row.split()[:5] == ["3", "0.250", "0.500", "1.00", "1.50"] and row.split()[-1] == "12.0"
+    assert row.split()[:6] == ["3", "0.250", "-", "0.500", "1.00", "1.50"] and row.split()[-1] == "12.0"
     summary = report.validation_summary({3: {"val-core/demo/acc/mean@1": 0.5, "val-aux/demo/searches/mean@1": 1.25}})
     assert summary == "validation after step 3: EM 0.500, searches/question 1.25"
 

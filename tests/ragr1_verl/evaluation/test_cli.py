@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -122,8 +124,80 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, demo_parquet, tiny_model_d
     assert table.splitlines()[0].startswith("| benchmark | EM sq | EM mq | rounds sq | rounds mq")
     # with one search allowed, the Berlin question's second search gets no results and no answer follows
     assert "| demo | 33.3 | 66.7 | 0.67 | 1.00 |" in table
+    # 3 questions: each EM's interval spans everything; mq gains the Berlin question, paired with sq
+    assert table.splitlines()[0].endswith("| EM sq 95% CI | EM mq 95% CI | EM mq - sq (paired, 95% CI) |")
+    assert table.splitlines()[2].endswith("| [0.0, 100.0] | [0.0, 100.0] | +33.3 [0.0, 100.0] |")
     assert set(json.loads((second / "comparison.json").read_text())) == {"sq", "mq"}
     assert (second / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _write_run(out: Path, correct: dict[str, set[int]], questions: int = 20) -> Path:
+    """A finished run's results.jsonl: per benchmark, ``questions`` questions, the ``correct`` ones right."""
+    out.mkdir(parents=True)
+    with (out / "results.jsonl").open("w", encoding="utf-8") as handle:
+        for benchmark, right in correct.items():
+            for index in reversed(range(questions)):  # the file's order is the order questions finished in
+                em = float(index in right)
+                handle.write(json.dumps({"id": f"{benchmark}/{index}", "data_source": benchmark,
+                                         "question": f"{benchmark} question {index}?", "answer": "x", "em": em,
+                                         "f1": em, "searches": 1, "queries": 2, "seconds": 1.0}) + "\n")
+    return out
+
+
+def test_compare_gives_each_em_its_interval_and_the_paired_difference(tmp_path, caplog):
+    sft = _write_run(tmp_path / "sft", {"nq": set(range(5)), "hotpotqa": set(range(4))})
+    rl = _write_run(tmp_path / "rl", {"nq": set(range(5)), "hotpotqa": set(range(14))})  # 10 more right
+    with caplog.at_level(logging.INFO, logger="ragr1_verl.evaluation"):
+        assert eval_main(["--out", str(rl), "--compare", str(sft)]) == 0
+
+    lines = (rl / "comparison.md").read_text().splitlines()
+    assert lines[0] == ("| benchmark | EM sft | EM rl | rounds sft | rounds rl | s/q sft | s/q rl | EM sft 95% CI | "
+                        "EM rl 95% CI | EM rl - sft (paired, 95% CI) |")
+    cells = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in lines[2:]}
+    assert cells["nq"][-1] == "+0.0 [0.0, 0.0]"  # the same answers: no difference, exactly
+    assert cells["hotpotqa"][-1] == "+50.0 [30.0, 70.0]"  # 10 of 20 gained, none lost
+    assert cells["average"][1:3] == ["22.5", "47.5"] and cells["average"][-1].startswith("+25.0 [")
+    low, high = map(float, cells["hotpotqa"][-2].strip("[]").split(", "))
+    assert low < 70.0 < high  # rl's own EM on hotpotqa, 14 of 20
+    assert "EM rl - sft (paired, 95% CI)" in caplog.text  # the table is printed too
+
+    payload = json.loads((rl / "comparison.json").read_text())
+    assert set(payload) == {"sft", "rl"}
+    hotpot = next(row for row in payload["rl"] if row["benchmark"] == "hotpotqa")
+    assert hotpot["em"] == 70.0 and hotpot["em_ci95"] == [low, high]
+    assert hotpot["em_difference"] == {"vs": "sft", "mean": 50.0, "low": 30.0, "high": 70.0, "n": 20,
+                                       "confidence": 0.95}
+
+
+def test_compare_reports_each_seed_and_the_pooled_difference(tmp_path):
+    sft = _write_run(tmp_path / "sft", {"nq": set(range(4))})
+    seed0 = _write_run(tmp_path / "rl-seed0", {"nq": set(range(8))})
+    seed1 = _write_run(tmp_path / "rl-seed1", {"nq": set(range(4))})
+    assert eval_main(["--out", str(seed0), "--compare", str(sft), "--seed-runs", str(seed1)]) == 0
+
+    text = (seed0 / "comparison.md").read_text()
+    assert "| benchmark | rl-seed0 - sft | rl-seed1 - sft | pooled over 2 seeds |" in text
+    # seed 0 gains 4 of 20 questions, seed 1 none: per question 0.5 on 4 of them, pooled +10 points
+    assert re.search(r"\| nq \| \+20\.0 \[\S+, \S+\] \| \+0\.0 \[0\.0, 0\.0\] \| \+10\.0 \[\S+, \S+\] \|", text)
+    [row] = json.loads((seed0 / "comparison.json").read_text())["rl-seed0"]
+    seeds = row["em_difference_seeds"]
+    assert set(seeds["seeds"]) == {"rl-seed0", "rl-seed1"} and seeds["pooled"]["mean"] == 10.0
+    assert seeds["pooled"]["n"] == 20  # questions, not seeds x questions
+
+
+def test_compare_names_the_questions_a_seed_run_lacks(tmp_path, caplog):
+    sft = _write_run(tmp_path / "sft", {"nq": set()})
+    rl = _write_run(tmp_path / "rl", {"nq": {1}})
+    short = _write_run(tmp_path / "short", {"nq": {1}}, questions=19)
+    assert eval_main(["--out", str(rl), "--compare", str(sft), "--seed-runs", str(short)]) == 2
+    assert "--seed-runs: the runs hold different questions (1 only in sft: 'nq: nq question 19?')" in caplog.text
+    assert eval_main(["--out", str(rl), "--seed-runs", str(short)]) == 2
+    assert "--seed-runs needs --compare" in caplog.text
+    # plain --compare of runs on other questions still compares, without the paired column's number
+    caplog.clear()
+    assert eval_main(["--out", str(short), "--compare", str(sft)]) == 0
+    assert "| - (other questions) |" in (short / "comparison.md").read_text()
+    assert "nq: no paired difference" in caplog.text
 
 
 @pytest.mark.slow

@@ -1,0 +1,77 @@
+"""The demo's before/after table: EM with its 95% interval, and the paired differences between stages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ragr1_verl.cpu import demo_report as report
+
+QUESTIONS = [f"question {i}?" for i in range(12)]
+TYPES = {q: ("bridge" if i % 2 else "comparison") for i, q in enumerate(QUESTIONS)}
+
+
+def _records(correct: set[int]) -> list[dict]:
+    return [{"question": q, "em": float(i in correct), "f1": float(i in correct), "searches": 1, "queries": 2,
+             "format_ok": True} for i, q in enumerate(QUESTIONS)]
+
+
+def _rows() -> list[report.EvalRow]:
+    rows = report.eval_rows("base", _records(set()), 12.0, TYPES)
+    rows += report.eval_rows("sft", _records({0, 1, 2, 3, 4, 5}), 12.0, TYPES)
+    rows += report.eval_rows("rl", _records({0, 1, 2, 3, 4, 5}), 12.0, TYPES)  # the same answers as sft
+    return rows
+
+
+def test_each_em_is_shown_with_its_interval():
+    table = report.eval_table(_rows())
+    lines = table.splitlines()
+    assert "EM [95% CI]" in lines[0]
+    assert lines[1].split()[:5] == ["base", "12", "0.000", "[0.000,", "0.000]"]
+    sft = next(line for line in lines if line.split()[:1] == ["sft"])
+    low, high = map(float, re.search(r"0\.500 \[(\S+), (\S+)\]", sft).groups())
+    assert 0.0 < low < 0.5 < high < 1.0
+    assert any(line.split()[:1] == ["rl/bridge"] and "[" in line for line in lines)
+
+
+def test_each_stage_is_compared_with_the_one_before_it_overall_and_per_question_type():
+    rows = _rows()
+    differences = {(d.after, d.before, d.group): d.difference for d in report.difference_rows(rows)}
+    assert set(differences) == {(after, before, group) for after, before in (("sft", "base"), ("rl", "sft"))
+                                for group in ("all", "bridge", "comparison")}
+    assert differences[("rl", "sft", "all")] == report.Interval(0.0, 0.0, 0.0, 12)  # all pairs equal
+    comparison = differences[("sft", "base", "comparison")]  # 3 of its 6 questions gained
+    assert (comparison.mean, comparison.n) == (0.5, 6) and 0.0 < comparison.low < 0.5 < comparison.high < 1.0
+
+    table = report.eval_table(rows)
+    assert "EM difference" in table and "paired [95% CI]" in table
+    assert re.search(r"sft - base\s+12\s+\+0\.500 \[0\.\d+, 0\.\d+\]", table)
+    assert re.search(r"rl - sft\s+12\s+\+0\.000 \[0\.000, 0\.000\]", table)
+    assert re.search(r"rl - sft \(bridge\)\s+6\s+\+0\.000 \[0\.000, 0\.000\]", table)
+    # the model rows come first, then the differences
+    assert table.index("rl/comparison") < table.index("sft - base")
+
+
+def test_differences_can_be_given_or_left_out_and_mismatched_questions_are_skipped(caplog):
+    rows = _rows()
+    assert "EM difference" not in report.eval_table(rows, differences=[])
+    fewer = report.eval_rows("rl", _records({0})[:-1], 11.0, TYPES)
+    mixed = [row for row in rows if row.label != "rl"] + fewer
+    assert ("rl", "sft", "all") not in {(d.after, d.before, d.group) for d in report.difference_rows(mixed)}
+    assert "only in sft: 'question 11?'" in caplog.text
+
+
+def test_rl_rows_carry_the_running_mean_of_the_reward():
+    metrics = {step: {"critic/score/mean": reward, "timing_s/step": 1.0}
+               for step, reward in enumerate([0.0, 0.5, 1.0, 0.5, 0.0, 1.0, 1.0], start=1)}
+    header = report.rl_header().split()
+    assert header[:3] == ["step", "reward", "mean5"]
+    assert report.format_rl_row_with_history(2, metrics).split()[:3] == ["2", "0.500", "0.250"]
+    # step 7: the mean of steps 3..7
+    assert report.format_rl_row_with_history(7, metrics).split()[:3] == ["7", "1.000", "0.700"]
+    assert report.format_rl_row(7, metrics[7]).split()[:3] == ["7", "1.000", "-"]
+    assert len(report.format_rl_row_with_history(7, metrics).split()) == len(report.RL_COLUMNS)
+    assert report.reward_window_means(metrics) == (pytest.approx(0.4), pytest.approx(0.7))
+    assert report.reward_window_means({}) == (None, None)
+    assert report.reward_window_means(metrics, window=2) == (pytest.approx(0.25), pytest.approx(1.0))
