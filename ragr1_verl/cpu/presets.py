@@ -1,0 +1,107 @@
+"""``ragr1-verl-demo``'s presets: what each stage trains with, as data (``--preset NAME``).
+
+A preset fills in what the command line leaves out: the SFT trainer's Hydra overrides, the RL algorithm, its
+number of steps and its Hydra overrides for ``main_ppo``. Explicit flags win over the preset's values:
+``--steps`` and ``--algorithm`` replace its steps and algorithm, and an ``--sft-override`` or a trailing
+``key=value`` override replaces the preset's override of the same key.
+
+- ``quick`` (the default) is the demo as it always ran: the SFT recipe's own defaults, 20 PPO steps of 2
+  prompts; the whole run (both stages and the evaluation) ends within 45 minutes on the 2-core machine. It
+  shows every component working and prints the reward per step; it is too small to claim a rise.
+- ``full`` trains long enough to look for one: stage 1 within 60 minutes per mode and each RL seed within
+  90 minutes, on otherwise idle cores. Its values are placeholders until they are measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named setup of both stages; ``*_overrides`` come before the user's own (which win)."""
+
+    name: str
+    description: str
+    sft_overrides: tuple[str, ...]  # Hydra overrides for verl's sft_trainer (+recipe=ragr1_sft_cpu[_sq])
+    rl_algorithm: str  # "ppo" (recipe ragr1_cpu) or "grpo" (ragr1_cpu_grpo)
+    rl_steps: int  # trainer.total_training_steps
+    rl_overrides: tuple[str, ...]  # Hydra overrides for main_ppo, before the seed's and the user's
+    sft_budget_min: int | None = None  # stage 1 should end within this (idle 2-core machine); None: no target
+    rl_budget_min: int | None = None  # each RL seed should end within this
+    run_budget_min: int | None = None  # the whole default run (stages 1 and 2 and the evaluation)
+
+    @property
+    def prompts_per_step(self) -> int:
+        """RL prompts per step: this preset's ``data.train_batch_size`` (the recipes' is 4)."""
+        for item in self.rl_overrides:
+            key, _, value = item.partition("=")
+            if key == "data.train_batch_size":
+                return int(value)
+        return 4
+
+
+# The quick RL batch: 2 prompts a step (the recipe's 4 doubles the step time: every phase is compute-bound).
+# verl splits each phase's batch into micro-batches that must divide it, hence every batch size set to 2.
+QUICK_RL_BATCH = (
+    "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "critic.ppo_mini_batch_size=2", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "critic.ppo_micro_batch_size_per_gpu=2")
+
+QUICK = Preset(
+    name="quick",
+    description="the short demo: SFT on 40 trajectories, 20 PPO steps of 2 prompts, the evaluation "
+                "(< 45 min)",
+    # the SFT recipe's defaults: 40 of the 166 teacher trajectories, 2 epochs, ~7-14 min on 2 cores
+    sft_overrides=(),
+    # PPO with a critic, as the paper trains
+    rl_algorithm="ppo",
+    # enough for a reward curve; a step of 2 prompts costs about a minute on 2 cores
+    rl_steps=20,
+    # see QUICK_RL_BATCH
+    rl_overrides=QUICK_RL_BATCH,
+    # measured 36 min with empty caches (README quickstart); the target leaves room for a slower machine
+    run_budget_min=45,
+)
+
+# PLACEHOLDER values (issue 23): to be replaced once measured against the budgets below.
+FULL = Preset(
+    name="full",
+    description="long enough to look for a rise: SFT on every trajectory, 40 GRPO steps of 4 prompts x 4 "
+                "rollouts (placeholder values)",
+    sft_overrides=(
+        # all 166 teacher trajectories instead of 40 (~23 min an epoch on 2 cores)
+        "data.train_max_samples=-1",
+        "trainer.total_epochs=2",  # 2 epochs: ~46 min plus validations, inside the 60 min budget
+    ),
+    # GRPO: no critic to train (a cheaper step) and group-normalised advantages, a denser signal than PPO's
+    # from a batch of 2 with rewards mostly 0
+    rl_algorithm="grpo",
+    # twice the quick run's steps, each with 8x its trajectories: placeholder until a step is timed
+    rl_steps=40,
+    rl_overrides=(
+        "data.train_batch_size=4",  # 4 prompts a step (the recipe's own), twice the quick run's
+        "actor_rollout_ref.rollout.n=4",  # 4 rollouts per prompt: a group of 4 for GRPO's advantage
+        # the recipe's mini-batch (4 prompts = 16 trajectories) and micro-batches (2 and 4) divide 16
+    ),
+    sft_budget_min=60,  # stage 1, once per mode
+    rl_budget_min=90,  # each RL seed
+)
+
+PRESETS: Mapping[str, Preset] = MappingProxyType({preset.name: preset for preset in (QUICK, FULL)})
+DEFAULT_PRESET = QUICK.name
+
+
+def override_key(item: str) -> str:
+    """The config key a Hydra override sets (``+a.b=1``, ``++a.b=1`` and ``~a.b`` all name ``a.b``)."""
+    return item.partition("=")[0].lstrip("+~")
+
+
+def merge_overrides(base: tuple[str, ...] | list[str], explicit: tuple[str, ...] | list[str]) -> list[str]:
+    """``base`` without the keys ``explicit`` sets, then ``explicit``: an explicit override always wins, and
+    no key is given twice."""
+    taken = {override_key(item) for item in explicit}
+    return [item for item in base if override_key(item) not in taken] + list(explicit)
