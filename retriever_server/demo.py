@@ -46,7 +46,8 @@ def ensure_demo_index(kind: str = "dense", root: Path | None = None, show_progre
 
 def load_demo_questions() -> list[dict]:
     """The demo questions: ``question``, ``golden_answers``, ``type``, ``hops``, ``supporting_ids``, ``split``
-    (train, dev or test) and the scripted ``steps`` per row."""
+    (train, dev or test; ``"validation": false`` marks the dev questions training-time validation leaves out)
+    and the scripted ``steps`` per row."""
     with open(DEMO_QUESTIONS, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 

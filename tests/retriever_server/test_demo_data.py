@@ -6,6 +6,7 @@ offline teacher or the held-out evaluation relies on fails here.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -16,7 +17,11 @@ from retriever_server.demo import DEMO_CORPUS, DEMO_QUESTIONS
 
 SPLITS = {"train", "dev", "test"}
 TEST_MINIMUM_PER_KIND = 22  # single-hop, bridge and comparison each
-DEV_SIZE = 16
+DEV_PER_KIND = 26  # single-hop, bridge and comparison each: 78 dev questions to choose settings on
+# The dev questions that training-time validation uses (SFT validation loss, RL validation): the 16 first
+# written; the others carry "validation": false, so that validating during training costs what it always did.
+VALIDATION_IDS = ("demo-014", "demo-018", "demo-028", "demo-033", "demo-035", "demo-037", "demo-045", "demo-062",
+                  "demo-068", "demo-070", "demo-077", "demo-089", "demo-099", "demo-108", "demo-116", "demo-119")
 TRAIN_MINIMUM = 170
 STOPWORDS = {"birthplace", "born", "birth", "date", "year", "where", "which", "what", "when", "first",
              "with", "from", "that", "their", "after", "named", "name"}
@@ -91,8 +96,8 @@ def test_split_sizes_and_the_held_out_minima(questions):
     sizes = Counter(q["split"] for q in questions)
     for kind in ("single-hop", "bridge", "comparison"):
         assert counts["test", kind] >= TEST_MINIMUM_PER_KIND, (kind, counts)
-        assert counts["dev", kind] >= 1, (kind, counts)
-    assert sizes["dev"] == DEV_SIZE
+        assert counts["dev", kind] == DEV_PER_KIND, (kind, counts)
+    assert sizes["dev"] == 3 * DEV_PER_KIND
     assert sizes["train"] >= TRAIN_MINIMUM
     train = sizes["train"]
     # roughly 40% single-hop, 35% bridge, 25% comparison
@@ -201,3 +206,70 @@ def test_held_out_questions_are_not_train_questions(questions):
 def test_no_two_questions_share_text(questions):
     texts = Counter(q["question"].strip().lower() for q in questions)
     assert [text for text, count in texts.items() if count > 1] == []
+
+
+# -- the dev questions ---------------------------------------------------------------------------------------------
+
+def test_training_time_validation_uses_the_first_16_dev_questions(questions):
+    for q in questions:
+        if "validation" in q:  # only ever false, only on dev questions
+            assert q["split"] == "dev" and q["validation"] is False, q["id"]
+    validation = [q["id"] for q in questions if q["split"] == "dev" and q.get("validation", True)]
+    assert tuple(validation) == VALIDATION_IDS
+    extra = [q["id"] for q in questions if q.get("validation") is False]
+    assert extra and min(extra) > max(VALIDATION_IDS)  # appended: no earlier row changed its place
+
+
+# A sentence ends at ".", "?" or "!" before a capital, unless the period closes an initial ("J. R. R.", "D.C.")
+# or an abbreviation ("St. Paul").
+_SENTENCE_END = re.compile(r"(?<![A-Z])(?<!\bSt|\bDr|\bMr|\bJr)[.?!]\s+(?=[A-Z])")
+
+
+def _sentences(corpus: dict[str, str], pid: str, evidence: str) -> set[tuple[str, int]]:
+    """The sentences of passage ``pid`` (as (pid, start offset)) that ``evidence`` overlaps."""
+    text = _body(corpus[pid])
+    start = text.index(evidence)
+    end = start + len(evidence)
+    bounds = [0] + [match.end() for match in _SENTENCE_END.finditer(text)] + [len(text) + 1]
+    return {(pid, first) for first, after in itertools.pairwise(bounds) if first < end and start < after - 1}
+
+
+def test_no_dev_question_asks_a_fact_a_test_question_asks(questions, corpus):
+    """Choosing on dev must not choose on the held-out facts: no dev question states its evidence with a sentence
+    a test question's evidence comes from, or answers what a test question answers from the same passage."""
+    test = [q for q in questions if q["split"] == "test"]
+    test_sentences = {key for q in test for step in q["steps"]
+                      for key in _sentences(corpus, step["evidence_id"], step["evidence"])}
+    test_answers = {(pid, answer.lower()) for q in test for pid in q["supporting_ids"]
+                    for answer in q["golden_answers"]}
+    assert len(test_sentences) > len(test)  # one or two sentences per question
+    for q in questions:
+        if q["split"] != "dev":
+            continue
+        for step in q["steps"]:
+            shared = _sentences(corpus, step["evidence_id"], step["evidence"]) & test_sentences
+            assert not shared, (q["id"], step["evidence"])
+        assert not {(pid, answer.lower()) for pid in q["supporting_ids"] for answer in q["golden_answers"]} & \
+            test_answers, q["id"]
+
+
+def test_a_dev_answer_is_written_in_its_passage(questions, corpus):
+    """The first gold answer is in the passage of the answer hop (single-hop, bridge) or of one of the compared
+    entities, as written (case aside: "argon" opens its passage's sentences as "Argon")."""
+    for q in questions:
+        if q["split"] != "dev":
+            continue
+        steps = q["steps"] if q.get("hops") == "comparison" else q["steps"][-1:]
+        answer = q["golden_answers"][0].lower()
+        assert any(answer in corpus[step["evidence_id"]].lower() for step in steps), q["id"]
+
+
+def test_dev_questions_are_not_train_questions(questions):
+    """Beside the single-hop rule above: no dev question asks the same thing as a train question, with the same
+    steps."""
+    train = {(tuple(q["golden_answers"]), tuple((s["evidence_id"], s["evidence"]) for s in q["steps"]))
+             for q in questions if q["split"] == "train"}
+    for q in questions:
+        if q["split"] == "dev":
+            key = (tuple(q["golden_answers"]), tuple((s["evidence_id"], s["evidence"]) for s in q["steps"]))
+            assert key not in train, q["id"]

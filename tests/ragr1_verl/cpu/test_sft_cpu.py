@@ -72,7 +72,7 @@ def test_every_asset_name_resolves_to_its_file(monkeypatch, tmp_path):
     resolved = {name: Path(assets.resolve(name)).relative_to(tmp_path).as_posix() for name in assets.ASSETS}
     assert resolved == {
         "model": "model", "train_files": "rl/train.parquet", "val_files": "rl/val.parquet",
-        "test_files": "rl/test.parquet",
+        "test_files": "rl/test.parquet", "dev_files": "rl/dev.parquet",
         "sft_train_files": "sft-mq/train.parquet", "sft_val_files": "sft-mq/val.parquet",
         "sft_sq_train_files": "sft-sq/train.parquet", "sft_sq_val_files": "sft-sq/val.parquet"}
     with pytest.raises(ValueError, match="unknown asset"):
@@ -85,12 +85,19 @@ def test_the_rl_demo_data_follows_the_questions_own_parts(tmp_path):
     from ragr1_verl.data.questions import demo_questions
 
     paths = assets.write_demo_data(tmp_path)
-    ids = {path.stem: [row["id"] for row in pd.read_parquet(path)["extra_info"]] for path in paths}
-    for name, part in (("train", "train"), ("val", "dev"), ("test", "test")):
+    assert [path.name for path in paths] == ["train.parquet", "val.parquet", "test.parquet", "dev.parquet"]
+    infos = {path.stem: list(pd.read_parquet(path)["extra_info"]) for path in paths}
+    ids = {name: [info["id"] for info in rows] for name, rows in infos.items()}
+    # val: the 16 dev questions training-time validation uses; dev: all 78, for choosing settings (ragr1-eval)
+    for name, part in (("train", "train"), ("val", "val"), ("test", "test"), ("dev", "dev")):
         assert ids[name] == [question.id for question in demo_questions(part=part)], name
-    assert not set(ids["test"]) & (set(ids["train"]) | set(ids["val"]))  # held out from training
-    indexes = [row["index"] for path in paths for row in pd.read_parquet(path)["extra_info"]]
-    assert indexes == list(range(len(indexes)))  # unique across the three files
+    assert len(ids["val"]) == 16 and len(ids["dev"]) == 78 and set(ids["val"]) < set(ids["dev"])
+    assert not set(ids["test"]) & (set(ids["train"]) | set(ids["dev"]))  # held out from training and choosing
+    indexes = [info["index"] for name in ("train", "val", "test") for info in infos[name]]
+    assert indexes == list(range(len(indexes)))  # unique across the files verl reads
+    index_of = {info["id"]: info["index"] for rows in infos.values() for info in rows}
+    assert len(index_of) == len(set(index_of.values()))  # one index per question, the same in val and dev
+    assert all(index_of[info["id"]] == info["index"] for rows in infos.values() for info in rows)
 
 
 def test_demo_sft_data_comes_in_mq_and_sq_only():

@@ -173,7 +173,7 @@ def test_demo_question_parts_and_their_scripted_steps():
     everything = demo_questions()
     parts = {part: demo_questions(part=part) for part in ("train", "dev", "test")}
     assert sum(len(questions) for questions in parts.values()) == len(everything)
-    assert len(parts["dev"]) == 16 and len(parts["test"]) >= 66 and len(parts["train"]) >= 170
+    assert len(parts["dev"]) == 78 and len(parts["test"]) >= 66 and len(parts["train"]) >= 170
     assert all(q.extra["split"] == part for part, questions in parts.items() for q in questions)
     assert {q.split for q in demo_questions("validation", part="dev")} == {"validation"}  # the verl label
     bridge = next(q for q in parts["test"] if q.extra.get("hops") == "bridge")
@@ -182,6 +182,19 @@ def test_demo_question_parts_and_their_scripted_steps():
     assert "extra" not in rl_row(bridge, index=0, split="test")["extra_info"]
     with pytest.raises(ValueError, match="part must be one of"):
         demo_questions(part="validation")
+
+
+def test_training_time_validation_keeps_the_16_validation_dev_questions():
+    """``part="val"``: the dev questions the SFT validation loss and RL validation use, the 16 first written; the
+    62 added for choosing settings carry ``"validation": false`` and stay out of it."""
+    dev, val = demo_questions(part="dev"), demo_questions("test", part="val")
+    assert len(val) == 16 and {q.split for q in val} == {"test"}  # the verl label, as for any part
+    assert all(q.extra["split"] == "dev" for q in val)
+    validation = [q.id for q in val]
+    assert validation == [q.id for q in dev if "validation" not in q.extra]
+    others = [q for q in dev if q.id not in validation]
+    assert len(others) == 62 and {q.extra["validation"] for q in others} == {False}
+    assert max(validation) < min(q.id for q in others)  # the new ones were appended
 
 
 def test_extra_fields_are_kept_and_do_not_change_equality():

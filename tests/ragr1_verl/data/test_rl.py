@@ -129,10 +129,12 @@ def test_demo_source(tmp_path, tiny_model_dir):
     assert run_cli("rl", "--source", "demo", "--out", tmp_path / "out") == 0
     train = read_rows(tmp_path / "out" / "train.parquet")
     test = check_with_verl([tmp_path / "out" / "test.parquet"], tiny_model_dir, tmp_path / "cache")
-    # the questions' own parts: train to train on, dev to validate on; the held-out test part never appears
+    # the questions' own parts: train to train on, the 16 validation dev questions to validate on (not the 78
+    # dev ones: validating costs what it did); the held-out test part never appears
     parts = {q.question: q.extra.get("split") for q in demo_questions()}
     assert [parts[row["extra_info"]["question"]] for row in train] == ["train"] * len(demo_questions(part="train"))
-    assert [parts[row["extra_info"]["question"]] for row in test] == ["dev"] * len(demo_questions(part="dev"))
+    assert [row["extra_info"]["id"] for row in test] == [q.id for q in demo_questions(part="val")]
+    assert len(test) == 16 and {parts[row["extra_info"]["question"]] for row in test} == {"dev"}
     assert {row["data_source"] for row in train + test} == {"demo"}
 
 

@@ -230,6 +230,16 @@ def test_sft_rows_of_scripted_trajectories_have_the_agent_loops_tokens_and_masks
         assert encoded.loss_mask == [0] * len(rollout.prompt_ids) + rollout.response_mask + [1]
 
 
+def test_every_dev_question_is_answered_from_the_retrieved_text_in_mq_mode(tmp_path, retriever_url,
+                                                                          policy_tokenizer):
+    """The 78 dev questions, as written, play through on the CPU protocol (one passage per query, two searches):
+    each hop's query finds its evidence sentence, and every trajectory ends in an exact-match answer."""
+    questions = demo_questions(part="dev")
+    rows = play(questions, tmp_path, retriever_url, policy_tokenizer, "mq")
+    assert len(rows) == len(questions) == 78
+    assert [question.id for question in questions if rows[question.id]["em"] != 1] == []
+
+
 # -- the demo SFT files ------------------------------------------------------------------------------------------
 
 def test_write_demo_sft_data_writes_train_and_val_from_their_parts_only(tmp_path):
@@ -237,14 +247,14 @@ def test_write_demo_sft_data_writes_train_and_val_from_their_parts_only(tmp_path
     assert (train_path, val_path) == (tmp_path / "sft" / "train.parquet", tmp_path / "sft" / "val.parquet")
     train = pq.read_table(train_path).to_pylist()
     val = pq.read_table(val_path).to_pylist()
-    parts = {part: {question.id for question in demo_questions(part=part)} for part in ("train", "dev", "test")}
+    parts = {part: {question.id for question in demo_questions(part=part)} for part in ("train", "val", "test")}
     test_questions = {question.question for question in demo_questions(part="test")}
     assert parts["test"] and train and val
     assert {row["extra_info"]["id"] for row in train} <= parts["train"]
-    assert {row["extra_info"]["id"] for row in val} <= parts["dev"]
+    assert {row["extra_info"]["id"] for row in val} <= parts["val"]  # the 16 validation dev questions only
     for row in train + val:
         assert row["question"] not in test_questions
         assert not any(question in row["prompt"][-1]["content"] for question in test_questions)
     summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert summary["train"]["generated"] == len(parts["train"]) and summary["train"]["kept"] == len(train)
-    assert summary["dev"]["generated"] == len(parts["dev"]) and summary["dev"]["kept"] == len(val)
+    assert summary["val"]["generated"] == len(parts["val"]) == 16 and summary["val"]["kept"] == len(val)
