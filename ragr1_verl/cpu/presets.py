@@ -86,6 +86,15 @@ FULL = Preset(
         "data.train_batch_size=4",  # 4 prompts a step (the recipe's own), twice the quick run's
         "actor_rollout_ref.rollout.n=4",  # 4 rollouts per prompt: a group of 4 for GRPO's advantage
         # the recipe's mini-batch (4 prompts = 16 trajectories) and micro-batches (2 and 4) divide 16
+        # sampling closer to the greedy policy that is evaluated: at temperature 1 a 135M model loses most of
+        # its answers, and a group whose rollouts all fail teaches nothing
+        "actor_rollout_ref.rollout.temperature=0.7",
+        # one update per step: the rollout's own log-probs (same weights, fp32 on both sides) are the old
+        # policy's, so verl need not recompute them (a forward pass over every trajectory saved)
+        "algorithm.rollout_correction.bypass_mode=true",
+        # no KL term and so no reference model (another forward pass saved): tens of small steps stay near
+        # the SFT model anyway, and the dev EM, not the KL, decides when to stop
+        "actor_rollout_ref.actor.use_kl_loss=false",
     ),
     sft_budget_min=60,  # stage 1, once per mode
     rl_budget_min=90,  # each RL seed

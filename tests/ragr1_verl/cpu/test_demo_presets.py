@@ -86,6 +86,7 @@ def test_merge_overrides_keys_ignore_hydra_prefixes():
 def test_the_preset_and_seed_overrides_compose_with_verls_configs(tmp_path):
     """Every key a preset or the seed sets exists in verl 0.9.1's configs (Hydra refuses unknown keys)."""
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
     run = _run(tmp_path, ["--preset", "full", "--seed", "3"])
     rl = demo.rl_command(run, tmp_path / "sft")
@@ -97,6 +98,11 @@ def test_the_preset_and_seed_overrides_compose_with_verls_configs(tmp_path):
         config = compose("ppo_trainer", overrides=ours)
         sft_config = compose("sft_trainer_engine", overrides=sft)
         quick = compose("ppo_trainer", overrides=["+recipe=ragr1_cpu", *presets.QUICK.rl_overrides])
+        full = compose("ppo_trainer", overrides=[f"+recipe={demo.RL_RECIPES[presets.FULL.rl_algorithm]}",
+                                                 *presets.FULL.rl_overrides])
+    for item in presets.FULL.rl_overrides:  # every key of the preset is verl's, and takes the preset's value
+        key, _, value = item.partition("=")
+        assert str(OmegaConf.select(full, key)).lower() == value.lower(), item
     assert config.algorithm.adv_estimator == "grpo" and config.data.train_batch_size == 4
     assert config.actor_rollout_ref.rollout.n == 4 and config.data.seed == 3
     assert config.actor_rollout_ref.rollout.seed == 3
