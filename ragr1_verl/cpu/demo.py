@@ -423,10 +423,15 @@ def record_run(run: Run, argv: Sequence[str]) -> bool:
     record.setdefault("invocations", []).append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(argv), "settings": settings,
         "code": code_version()})
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(staged, path)
+    _write_json(path, record)
     return resumed
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """``path`` replaced whole (staged, then renamed): an interrupted write leaves the old file, not half."""
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, path)
 
 
 def _invocation_header(run: Run, argv: Sequence[str], resumed: bool) -> str:
@@ -446,10 +451,9 @@ def _progress(run: Run, text: str) -> None:
 
 
 def _record_timing(run: Run, stage: str, seconds: float) -> None:
-    path = run.folder / TIMINGS_FILE
     timings = _timings(run)
     timings[stage] = round(seconds, 1)
-    path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+    _write_json(run.folder / TIMINGS_FILE, timings)
 
 
 def _timings(run: Run) -> dict[str, float]:
@@ -753,10 +757,10 @@ def _eval_stage(run: Run) -> None:
             _progress(run, f"- eval {label}: {'already done: ' if done else ''}{overall.questions} "
                            f"questions, EM {overall.em:.3f}, F1 {overall.f1:.3f}, "
                            f"protocol {100 * overall.protocol:.0f}% ({seconds:,.0f} s)")
-        # the table as it goes
-        run.path("eval", "table.txt").write_text(eval_table(rows) + "\n", encoding="utf-8")
-    _out("\n" + eval_table(rows))
-    _progress(run, "\n```\n" + eval_table(rows) + "\n```\n")
+        table = eval_table(rows)
+        run.path("eval", "table.txt").write_text(table + "\n", encoding="utf-8")  # the table as it goes
+    _out("\n" + table)
+    _progress(run, "\n```\n" + table + "\n```\n")
 
 
 def comparisons(labels: Sequence[str]) -> list[tuple[str, str]]:
@@ -769,12 +773,9 @@ def comparisons(labels: Sequence[str]) -> list[tuple[str, str]]:
 
 def eval_table(rows: Sequence[report.EvalRow]) -> str:
     """:func:`report.eval_table`, its EM differences taken over :func:`comparisons` (where it has them)."""
-    difference_rows = getattr(report, "difference_rows", None)
-    if difference_rows is None:
-        return report.eval_table(rows)
     labels = list(dict.fromkeys(row.label for row in rows))
     differences = [difference for before, after in comparisons(labels)
-                   for difference in difference_rows([row for row in rows if row.label in (before, after)])]
+                   for difference in report.difference_rows([row for row in rows if row.label in (before, after)])]
     differences.sort(key=lambda difference: difference.group != "all")  # all questions first, as the models
     return report.eval_table(rows, differences)
 
