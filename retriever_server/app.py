@@ -76,8 +76,9 @@ def create_app(service: RetrievalService, *, limits: RequestLimits | None = None
         if not request.is_json:
             raise RequestError(415, "Content-Type must be application/json", "unsupported_media_type")
         parsed = parse_retrieve_request(request.get_data(cache=False), limits, default_topk)
-        if not service.ready:
-            raise RequestError(503, f"the index is not ready ({service.state})", "not_ready")
+        problem = service.problem
+        if problem is not None:  # loading, failed, or the connection to Ray is lost: the reason, as JSON
+            raise RequestError(503, problem, "not_ready")
         if not searching.acquire(blocking=False):
             raise RequestError(503, f"the retriever is overloaded: {limits.max_concurrent_requests} requests are "
                                "searching already; retry shortly", "overloaded")

@@ -84,6 +84,7 @@ class DynamicBatcher:
         self._threads = [threading.Thread(target=self._run, name="ragr1-batcher", daemon=True),
                          threading.Thread(target=self._finish_batches, name="ragr1-finisher", daemon=True)]
         self._stopped = threading.Event()
+        self._warned: dict[str, float] = {}  # expected failures logged recently, and when
         self.heap = HeapTrimmer(enabled=config.trim_heap)
 
     def start(self) -> None:
@@ -154,10 +155,21 @@ class DynamicBatcher:
         try:
             scores, positions = self.retriever.search(list(row_of), max(r.k for r in batch))
         except Exception as err:  # noqa: BLE001 - any backend failure must reach every waiting request
-            logger.exception("search failed for a batch of %d queries", len(row_of))
+            if getattr(err, "expected", False):  # e.g. a shard down: one line, not a traceback per batch
+                self._warn_once(f"search failed: {err}")
+            else:
+                logger.exception("search failed for a batch of %d queries", len(row_of))
             _fail(batch, err)
             return
         self._searched.put(_Searched(batch, row_of, scores, positions))
+
+    def _warn_once(self, message: str, every_s: float = 10.0) -> None:
+        """Log ``message`` unless it was logged in the last ``every_s`` seconds."""
+        now = time.monotonic()
+        if now - self._warned.get(message, -every_s) >= every_s:
+            self._warned = {m: t for m, t in self._warned.items() if now - t < every_s}
+            self._warned[message] = now
+            logger.warning("%s", message)
 
     def _finish_batches(self) -> None:
         while (searched := self._searched.get()) is not None:

@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import requests
@@ -73,7 +75,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     ray = serve.add_argument_group("Ray Serve (a sharded index from `ragr1-index shard` or `build --num-shards`)")
     ray.add_argument("--ray", action="store_true", help="run the index shards as Ray Serve deployments")
     ray.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto': the one this node is in; "
-                                                         "default: start a local Ray)")
+                                                         "default: $RAY_ADDRESS, else a Ray instance of the "
+                                                         "server's own, stopped with it)")
     ray.add_argument("--shard-device", choices=("cpu", "cuda"), default="cpu", help="where each shard replica searches")
     ray.add_argument("--shard-replicas", type=int, default=1, help="replicas of every shard")
     ray.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs Ray reserves for each shard replica")
@@ -85,6 +88,9 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpu-memory-gib", type=float, default=None,
                      help="free memory of each GPU, for the memory plan (Ray reports GPU counts, not memory; "
                           "without it only the GPU count is checked)")
+    ray.add_argument("--ray-reconnect-timeout", type=float, default=30.0,
+                     help="seconds a joined cluster's GCS may not answer (503s meanwhile) before the server exits "
+                          "with status 1; a Ray instance of its own that dies ends the server at once")
     memory = serve.add_argument_group("memory plan (checked before anything is loaded)")
     memory.add_argument("--reserve-memory-gib", type=float, default=0.0,
                         help="memory to keep free on each device for other processes, e.g. verl's trainer")
@@ -153,22 +159,47 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
 def _ray_placement(args: argparse.Namespace):
     if not args.ray:
         return None
-    from retriever_server.ray_serve import RayPlacement
+    from retriever_server.ray_serve import RayPlacement, prepare_serving_process
+
+    prepare_serving_process()
 
     try:
         return RayPlacement(address=args.ray_address, shard_device=args.shard_device,
                             shard_replicas=args.shard_replicas, shard_cpus=args.shard_cpus,
                             encoder_replicas=args.encoder_replicas, encoder_device=args.encoder_replica_device,
-                            call_timeout_s=args.shard_timeout, gpu_memory_gib=args.gpu_memory_gib)
+                            call_timeout_s=args.shard_timeout, gpu_memory_gib=args.gpu_memory_gib,
+                            reconnect_timeout_s=args.ray_reconnect_timeout)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
 
-def _stop_serving(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def serve(args: argparse.Namespace) -> int:
+    from retriever_server.supervisor import SUPERVISED_ENV, Report, supervise
+
+    if args.ray and SUPERVISED_ENV not in os.environ:  # Ray may end a driver silently: watched from outside
+        return supervise(args.argv)
+    report = Report()
+    if not args.ray:
+        return _serve(args, report)
+    try:
+        code = _serve(args, report)
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported here: the process ends below without unwinding
+        traceback.print_exc()
+        code = 1
+    # The server ended on its own (the supervisor has nothing to add) and Ray is stopped. Ray's threads may
+    # abort the interpreter's own ending (SIGABRT), so the process ends here.
+    report.send("done", str(code))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(args: argparse.Namespace, report) -> int:
     limits = RequestLimits(max_queries_per_request=args.max_queries_per_request, max_query_chars=args.max_query_chars,
                            max_topk=args.max_topk, max_results_per_request=args.max_results_per_request,
                            max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
@@ -189,15 +220,42 @@ def serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can query it", args.host)
     # Loading a large index takes minutes; /health answers (ready: false) meanwhile. A failed load ends serve.
-    # SIGINT may be ignored (a background job), so stopping goes through SIGTERM, whose handler raises.
-    signal.signal(signal.SIGTERM, _stop_serving)
+    # SIGINT may be ignored (a background job), so stopping goes through SIGTERM, whose handler raises, once:
+    # a second signal must not break the stopping (draining, then stopping Ray) half-way.
+    stopping = threading.Event()
+
+    def stop_serving(*_) -> None:
+        if stopping.is_set():
+            logger.info("already stopping")
+            return
+        stopping.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_serving)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stop_serving)
+
+    def stop_on_failure(error: BaseException) -> None:  # a failed load, or the connection to Ray lost for good
+        report.send("problem", " ".join(str(error).split()))
+        if not stopping.is_set():
+            _thread.interrupt_main(signal.SIGTERM)
+
+    def on_ready() -> None:
+        logger.info("ready: serving on %s", server.url)
+        if args.ray:
+            from retriever_server.ray_serve import current_connection
+
+            connection = current_connection()
+            if connection is not None and connection.logs_dir:
+                report.send("ray-logs", connection.logs_dir)
+
     try:
-        service.load_in_background(on_failure=lambda err: _thread.interrupt_main(signal.SIGTERM),
-                                   on_ready=lambda: logger.info("ready: serving on %s", server.url))
+        service.load_in_background(on_failure=stop_on_failure, on_ready=on_ready)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        stopping.set()
         server.stop()
         service.close()
     if service.state == "failed":
@@ -263,7 +321,9 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"serve": serve, "plan": plan, "demo": demo, "query": query}
     return handlers[args.command](args)

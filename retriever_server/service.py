@@ -91,10 +91,40 @@ class RetrievalService:
         self.document_json: DocumentJson | None = None
         self.threads: dict[str, int] | None = None
         self._loading_status = lambda: None  # while Ray Serve deploys the shards: their states
+        self._on_failure = None  # load_in_background's: also told when the connection to Ray is lost for good
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == "ready" and self.problem is None
+
+    @property
+    def problem(self) -> str | None:
+        """Why ``/retrieve`` cannot answer now (None when it can)."""
+        if self.state == "ready":
+            connection = self._ray_connection()
+            return connection.problem() if connection is not None else None
+        if self.state == "failed":
+            return f"the index is not available: {self.error}"
+        return f"the index is not ready ({self.state})"
+
+    def _ray_connection(self):
+        if self.options.ray is None:
+            return None
+        from retriever_server import ray_serve
+
+        return ray_serve.current_connection()
+
+    def _ray_lost(self, problem: str) -> None:
+        """The connection to Ray cannot come back: the service fails (``/retrieve`` answers 503 with the
+        reason) and leaves Ray, then whoever runs it is told (the CLI stops serving and exits with status 1)."""
+        if self.state == "failed":
+            return
+        self.state, self.error = "failed", problem
+        from retriever_server import ray_serve
+
+        ray_serve.disconnect()
+        if self._on_failure is not None:
+            self._on_failure(ConnectionError(problem))
 
     def load(self) -> None:
         """Check the manifest, load corpus, encoder and index, and start the batcher. Raises on mismatch."""
@@ -122,6 +152,8 @@ class RetrievalService:
         logger.info("loaded %d passages from %s (%s)", len(corpus), self.index_dir, retriever.description)
 
     def load_in_background(self, on_failure, on_ready=None) -> threading.Thread:
+        self._on_failure = on_failure
+
         def run() -> None:
             try:
                 self.load()
@@ -187,6 +219,7 @@ class RetrievalService:
         if self.options.ray is not None:
             from retriever_server import ray_serve
 
+            ray_serve.connect(self.options.ray, self.index_dir).on_lost = self._ray_lost
             shards, encoder, deployments, where = ray_serve.deploy_shards(
                 self.index_dir, manifest, infos, self.options, self.metrics,
                 on_status=lambda snapshot: setattr(self, "_loading_status", snapshot))
@@ -223,10 +256,12 @@ class RetrievalService:
 
     def health(self) -> dict:
         manifest = self.manifest
+        problem = self.problem if self.state == "ready" else None
+        connection = self._ray_connection()
         return {
-            "status": self.state,
+            "status": "unavailable" if problem else self.state,
             "ready": self.ready,
-            "error": self.error,
+            "error": problem or self.error,
             "corpus_size": len(self.corpus) if self.corpus is not None else None,
             "index_type": manifest.index["type"] if manifest else None,
             "encoder": (manifest.encoder or {}).get("spec", {}).get("name") if manifest else None,
@@ -234,6 +269,7 @@ class RetrievalService:
             "index_dir": str(self.index_dir),
             "shards": _shard_status(self.batcher.retriever) if self.batcher else self._loading_status(),
             "threads": self.threads,
+            **({"ray": connection.describe()} if connection is not None else {}),
             "uptime_s": round(time.time() - self.started, 3),
         }
 
@@ -243,6 +279,10 @@ class RetrievalService:
             close = getattr(self.batcher.retriever, "close", None)
             if close is not None:
                 close()
+        if self.options.ray is not None:  # also when stopped while loading: Ray's processes end with us
+            from retriever_server import ray_serve
+
+            ray_serve.disconnect()
 
 
 def _shard_status(retriever) -> dict[str, str] | None:

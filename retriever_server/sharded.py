@@ -36,6 +36,8 @@ Hit = tuple[float, int, dict]  # score, global position, {"id", "contents"}
 class ShardUnavailable(RuntimeError):
     """A shard could not answer; ``/retrieve`` answers 503 naming it."""
 
+    expected = True  # an outage, not a bug: the batcher logs one line, not a traceback
+
     def __init__(self, shard: int | str, reason: str):
         what = f"index shard {shard}" if isinstance(shard, int) and shard >= 0 else \
             "the index shards" if isinstance(shard, int) else f"the query {shard}"
