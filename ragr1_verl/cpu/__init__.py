@@ -80,7 +80,27 @@ def activate() -> None:
 def activate_if_selected() -> bool:
     if selected():
         activate()
+        warn_about_ray_address()
     return _active
+
+
+def warn_about_ray_address(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The CPU recipes start a Ray instance of their own (``ray_init.address: local``), but Ray lets
+    ``RAY_ADDRESS`` win over it, and a cluster refuses the recipe's ``num_cpus``/``num_gpus``. Said (and
+    returned) in the driver, before Ray's bare ValueError, unless the command line drops them."""
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    address = environ.get("RAY_ADDRESS", "").strip()
+    if not address or address == "local" or not any(selects_cpu_recipe(a) for a in argv[1:]) or any(
+            a.startswith("~ray_kwargs.ray_init.num_cpus") for a in argv[1:]):
+        return None
+    message = (f"RAY_ADDRESS={address} makes Ray join that cluster, which refuses the CPU recipe's "
+               "ray_kwargs.ray_init.num_cpus/num_gpus (ValueError: When connecting to an existing cluster, "
+               "num_cpus and num_gpus must not be provided). For the recipe's own Ray instance, unset "
+               "RAY_ADDRESS; to join the cluster on purpose, add ~ray_kwargs.ray_init.num_cpus "
+               "~ray_kwargs.ray_init.num_gpus")
+    logger.warning("%s", message)
+    return message
 
 
 def _check_verl_version() -> None:
