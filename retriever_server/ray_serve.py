@@ -167,8 +167,11 @@ class DeploymentStatus:
         self._statuses = {name: str(getattr(d.status, "value", d.status)) for name, d in deployments.items()}
         self._messages = {name: d.message for name, d in deployments.items()}
 
+    def connection_problem(self) -> str | None:
+        return self._connection.problem() if self._connection is not None else None
+
     def problem(self, name: str) -> str | None:
-        lost = self._connection.problem() if self._connection is not None else None
+        lost = self.connection_problem()
         if lost is not None:
             return lost
         status = self._statuses.get(name, "UNKNOWN")
@@ -206,14 +209,13 @@ class RayShard:
         deadline = time.monotonic() + self._timeout_s
         try:
             response = self._handle.search.remote(payload, k)
-            while True:  # waited for in slices: a shard or a connection lost meanwhile ends the wait at once
+            while True:  # waited for in slices: the connection to Ray lost meanwhile ends the wait at once
                 try:
                     return response.result(timeout_s=max(0.01, min(_WAIT_SLICE_S, deadline - time.monotonic())))
                 except TimeoutError:
-                    problem = self._status.problem(self._name)
+                    problem = self._status.connection_problem()
                     if problem is None and time.monotonic() < deadline:
                         continue
-                    response.cancel()
                     raise ShardUnavailable(self.info.number, problem or f"no answer within {self._timeout_s:g}s") \
                         from None
         except ShardUnavailable:

@@ -64,13 +64,14 @@ class Report:
                 self._pipe.write(f"{kind} {text}".strip() + "\n")
 
 
-def supervise(argv: list[str]) -> int:
-    """Run ``ragr1-retriever <argv>`` as a supervised child; returns its exit status."""
+def supervise(argv: list[str], command: list[str] | None = None) -> int:
+    """Run ``ragr1-retriever <argv>`` (or ``command``) as a supervised child; returns its exit status."""
     subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     read_fd, write_fd = os.pipe()
     env = dict(os.environ, **{SUPERVISED_ENV: str(write_fd)})
-    child = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", *argv], env=env, pass_fds=(write_fd,),
-                             start_new_session=True, preexec_fn=_die_with_parent)
+    command = command or [sys.executable, "-m", "retriever_server.cli", *argv]
+    child = subprocess.Popen(command, env=env, pass_fds=(write_fd,), start_new_session=True,
+                             preexec_fn=_die_with_parent)
     os.close(write_fd)
     messages: dict[str, str] = {}
     reader = threading.Thread(target=_read_messages, args=(read_fd, messages), name="ragr1-supervisor", daemon=True)
@@ -101,6 +102,7 @@ def supervise(argv: list[str]) -> int:
                      f"; Ray's last words: {words}" if words else "")
     if subreaper:
         _stop_orphans()
+        _prctl(_PR_SET_CHILD_SUBREAPER, 0)
     if "done" in messages and messages["done"].isdigit():
         return int(messages["done"])
     return 128 - code if code < 0 else code or 1

@@ -85,41 +85,61 @@ class RayStartCluster:
         return ray_env(self.tmp, **extra)
 
 
+READY_LINE = "will now block forever"  # `ray start --block`, once its node has registered with the GCS
+
+
+def _start(tmp: Path, num_cpus: int, timeout_s: float) -> tuple[subprocess.Popen | None, list]:
+    """One `ray start --block` in ``tmp``: (the process, or None when it failed; its process tree)."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    with open(tmp / "ray-start.log", "w") as log:
+        process = subprocess.Popen(
+            [str(ray_cli), "start", "--head", "--block", f"--port={free_port()}", f"--num-cpus={num_cpus}",
+             "--include-dashboard=false", "--disable-usage-stats"],
+            env=ray_env(tmp), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tree, deadline = [], time.monotonic() + timeout_s
+    while READY_LINE not in (tmp / "ray-start.log").read_text(errors="replace"):
+        tree += [p for p in descendants(process.pid) if p not in tree]
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop(process, tree)
+            return None, []
+        time.sleep(0.5)
+    return process, descendants(process.pid)
+
+
+def _stop(process: subprocess.Popen, tree: list) -> None:
+    """As `ray stop` does, but for this cluster's processes only: SIGTERM to all, then SIGKILL."""
+    tree = tree + [p for p in descendants(process.pid) if p not in tree]
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    for member in alive(tree):
+        with contextlib.suppress(Exception):
+            member.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    wait_gone(tree, 5.0)
+    stop_processes(tree)
+
+
 @contextlib.contextmanager
-def ray_start_cluster(num_cpus: int = 3, timeout_s: float = 120.0) -> Iterator[RayStartCluster]:
+def ray_start_cluster(num_cpus: int = 3, timeout_s: float = 120.0, attempts: int = 2) -> Iterator[RayStartCluster]:
+    """A started cluster for the block. `ray start` gives its node 30 s to register with the GCS, which a
+    machine busy with other tests can miss: it is tried ``attempts`` times."""
     # Short: Ray's unix socket paths under RAY_TMPDIR must stay below 108 characters.
     tmp = Path(tempfile.mkdtemp(prefix="ragr1-ray-", dir="/tmp"))
-    ray_cli = Path(sys.executable).with_name("ray")
-    log = open(tmp / "ray-start.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--block", f"--port={free_port()}", f"--num-cpus={num_cpus}",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        env=ray_env(tmp), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    tree: list = []
+    process, tree = None, []
     try:
-        address_file = tmp / "ray" / "ray_current_cluster"
-        deadline = time.monotonic() + timeout_s
-        while not (address_file.is_file() and {"gcs_server", "raylet"} <= {p.name() for p in alive(descendants(
-                process.pid))}):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start failed: {(tmp / 'ray-start.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        time.sleep(2.0)  # the raylet registers with the GCS
-        tree = descendants(process.pid)
-        yield RayStartCluster(tmp, address_file.read_text().strip(), process)
-    finally:  # as `ray stop` does, but for this cluster's processes only: SIGTERM to all, then SIGKILL
-        tree += descendants(process.pid)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        for member in alive(tree):
-            with contextlib.suppress(Exception):
-                member.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        wait_gone(tree, 5.0)
-        stop_processes(tree)
-        log.close()
+        for _ in range(attempts):
+            process, tree = _start(tmp, num_cpus, timeout_s)
+            if process is not None:
+                break
+        if process is None:
+            raise RuntimeError(f"ray start failed: {(tmp / 'ray-start.log').read_text()[-3000:]}")
+        address = (tmp / "ray" / "ray_current_cluster").read_text().strip()
+        yield RayStartCluster(tmp, address, process)
+    finally:
+        if process is not None:
+            _stop(process, tree)
         shutil.rmtree(tmp, ignore_errors=True)
