@@ -576,7 +576,9 @@ _connection_lock = threading.Lock()
 
 
 def cpus_needed(index_dir: Path, placement: RayPlacement) -> float:
-    """The CPUs Ray must reserve for every shard and encoder replica."""
+    """The CPUs Ray must reserve for every shard and encoder replica (none for an unsharded index)."""
+    if Manifest.read(index_dir).kind != "sharded":
+        return 0.0
     shards = len(read_shards(index_dir))
     return shards * placement.shard_replicas * placement.shard_cpus + placement.encoder_replicas
 
