@@ -38,16 +38,15 @@ def shard_folder(whole: Path, workdir: Path, shards: int) -> Path:
 
 
 def replica_rss_mib() -> list[float]:
-    """Resident memory of every alive shard replica (Linux /proc, the replicas run on this machine)."""
-    from ray.util.state import list_actors
+    """Resident memory of every shard replica (its process title names it): this process's own Ray
+    instance's, else those of the cluster on this machine."""
+    import psutil
 
-    sizes = []
-    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-        if ":shard-" in actor.class_name and actor.pid:
-            for line in Path(f"/proc/{actor.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    sizes.append(int(line.split()[1]) / 1024)
-    return sizes
+    def replicas(processes) -> list:
+        return [p for p in processes if p.name().startswith("ray::ServeReplica:") and ":shard-" in p.name()]
+
+    found = replicas(psutil.Process().children(recursive=True)) or replicas(psutil.process_iter())
+    return [process.memory_info().rss / 2**20 for process in found]
 
 
 def measure(args, bench_args, whole: Path, shards: int, raw_limit: float | None) -> dict:
