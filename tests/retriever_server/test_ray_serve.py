@@ -18,6 +18,7 @@ from retriever_server.demo import load_demo_questions
 from retriever_server.http_server import serving
 from retriever_server.service import LoadOptions, RetrievalService
 from retriever_server.sharding import shard_index
+from tests.ray_cluster import free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
@@ -33,13 +34,21 @@ TOPK = 3
 def cluster():
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # A dashboard port of its own: another Ray on this machine (a training run, `ray start`) may hold 8265, and
+    # the state API (list_actors) needs this cluster's dashboard.
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
     nodes.add_node(num_cpus=2)
     nodes.wait_for_nodes()
     yield nodes
     if ray.is_initialized():
         ray.shutdown()
     nodes.shutdown()
+
+
+def _alive_actors(cluster) -> list:
+    """This cluster's live actors (by its address: with several Ray instances on the machine, Ray would
+    otherwise pick the latest)."""
+    return list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
 
 
 def _placement(cluster, **overrides):
@@ -87,7 +96,7 @@ def test_sharded_results_equal_the_single_process_server(cluster, reference, dem
     service.load()
     try:
         assert set(service.health()["shards"]) >= {f"shard-{n}" for n in range(num_shards)}
-        nodes = {actor.node_id for actor in list_actors(filters=[("state", "=", "ALIVE")])
+        nodes = {actor.node_id for actor in _alive_actors(cluster)
                  if "shard-" in actor.class_name}
         assert len(nodes) == 2, "the shards should spread over both nodes"
         _assert_same_ranking(_ranking(service), reference[kind])
@@ -127,8 +136,8 @@ def test_existing_clients_work_unchanged(ray_server, reference):
     assert [[d["id"] for d in result.documents[0]] for result in results] == baseline[4:12]
 
 
-def _shard_actor(number: int):
-    [actor] = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.endswith(f":shard-{number}")]
+def _shard_actor(cluster, number: int):
+    [actor] = [a for a in _alive_actors(cluster) if a.class_name.endswith(f":shard-{number}")]
     return ray.get_actor(actor.name, namespace=actor.ray_namespace)
 
 
@@ -138,12 +147,12 @@ def _query(url: str, question: str) -> tuple[int, dict, float]:
     return response.status_code, response.json(), time.monotonic() - started
 
 
-def test_a_killed_shard_gives_503s_naming_it_then_recovers(ray_server):
+def test_a_killed_shard_gives_503s_naming_it_then_recovers(cluster, ray_server):
     url, service = ray_server
     expected = dict(zip(QUESTIONS, _ranking(service)[0]))
     outcomes = []
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        ray.kill(_shard_actor(1), no_restart=False)
+        ray.kill(_shard_actor(cluster, 1), no_restart=False)
         deadline = time.monotonic() + 120
         recovered = False
         while time.monotonic() < deadline and not recovered:
@@ -186,10 +195,10 @@ def test_a_placement_that_does_not_fit_is_refused_before_any_deployment(cluster,
              ("bm25", LoadOptions(ray=_placement(cluster, shard_replicas=2), reserve_memory_gib=1e6),
               r"shard \d needs .* on cpu but the most free on any device is 0 B")]
     for folder, options, reason in cases:
-        before = {actor.actor_id for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        before = {actor.actor_id for actor in _alive_actors(cluster)}
         service = RetrievalService(tmp_path / folder, options, BatchingConfig())
         with pytest.raises(PlacementError, match=reason):
             service.load()
         assert service.state == "failed"
-        after = {actor.actor_id for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        after = {actor.actor_id for actor in _alive_actors(cluster)}
         assert after <= before, "nothing may be deployed for a placement that does not fit"
