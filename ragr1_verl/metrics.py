@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_MODULE = "verl.trainer.ppo.v1.trainer_base"
 _COMPUTE_METRICS_PARAMETERS = ["self", "batch", "metrics", "timing_raw", "global_steps", "epoch"]
-ROLLOUT_PREFIX = "ragr1/"
 # A trajectory counts as one of our rollout's when its extra fields hold this counter.
 ROLLOUT_MARKER = "ragr1/searches"
 # The reward's dict (ragr1_verl.reward.compute_score) is recognised by these keys together.

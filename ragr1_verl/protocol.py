@@ -480,9 +480,6 @@ def invalid_search(reason: str) -> str:
             "answer between <answer> and </answer>.\n")
 
 
-BUDGET_EXHAUSTED = wrap_information("The search budget is used up: no more results. Give the final answer now.")
-
-
 def retrieval_failed_text(reason: str) -> str:
     return f"The search failed ({reason}). No results are available for this search."
 

@@ -55,10 +55,6 @@ def selected(argv: Sequence[str] | None = None, environ: Mapping[str, str] | Non
     return any(selects_cpu_recipe(argument) for argument in argv[1:])
 
 
-def is_active() -> bool:
-    return _active
-
-
 def activate() -> None:
     """Install the CPU platform now and the engine/rollout registrations and patches as verl loads them."""
     global _active

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +103,6 @@ def _as_record(row: Any, path: Path, number: int) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise DataError(f"{where(path, number)}: expected a JSON object, got {type(row).__name__}")
     return row
-
-
-def write_parquet(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Write rows as one parquet file (columns from the rows; nested values as parquet structs and lists)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(list(rows)), path)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from ragr1_verl import protocol
 from ragr1_verl.protocol import (
-    BUDGET_EXHAUSTED,
     INVALID_ACTION_REMINDER,
     MQ_PROMPT_TEMPLATE,
     SQ_PROMPT_TEMPLATE,
@@ -142,7 +141,7 @@ def test_prompts():
 
 def test_environment_messages_are_well_formed():
     assert "<search>" in INVALID_ACTION_REMINDER and "<answer>" in INVALID_ACTION_REMINDER
-    for message in (BUDGET_EXHAUSTED, retrieval_failed("connection refused")):
+    for message in (retrieval_failed("connection refused"), retrieval_failed("")):
         assert message.startswith("\n<information>\n") and message.endswith("</information>\n")
         assert parse_action(message).kind == "invalid"
 
