@@ -23,27 +23,34 @@ SFT_TIMEOUT_S = 420
 
 # -- the torchrun process-group patch ---------------------------------------------------------------------
 
-def _verl_like_initialize(timeout_second=36000):
-    backend = f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"  # noqa: F821 (only its source is read)
-    return backend, timeout_second
+def _verls_initialize_global_process_group():
+    """verl's own function, as sft_trainer finds it before the CPU port rebinds it."""
+    import inspect
+
+    import verl.utils.distributed
+
+    function = verl.utils.distributed.initialize_global_process_group
+    function = getattr(function, "_ragr1_original", function)  # already patched when the CPU port is active
+    return function, inspect.signature(function).parameters["timeout_second"].default
 
 
 def test_the_torchrun_process_group_uses_cpu_gloo_and_verls_timeout(monkeypatch):
     import torch.distributed
 
+    verls, verls_timeout = _verls_initialize_global_process_group()
     calls = []
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DIST_INIT_METHOD", "tcp://127.0.0.1:1")
-    module = SimpleNamespace(initialize_global_process_group=_verl_like_initialize)
+    module = SimpleNamespace(initialize_global_process_group=verls)
     patches.patch_torchrun_process_group_backend(module)
     patched = module.initialize_global_process_group
     patches.patch_torchrun_process_group_backend(module)  # idempotent
-    assert module.initialize_global_process_group is patched
+    assert module.initialize_global_process_group is patched and patched._ragr1_original is verls
     assert patched() == (0, 0, 1)
     assert [(call["backend"], call["timeout"].total_seconds(), call["init_method"]) for call in calls] == [
-        ("cpu:gloo", 36000, "tcp://127.0.0.1:1")]
+        ("cpu:gloo", verls_timeout, "tcp://127.0.0.1:1")]
 
 
 def test_without_torchrun_one_local_rank_is_set_up():
@@ -105,7 +112,9 @@ def test_demo_sft_data_comes_in_mq_and_sq_only():
         assets.ensure_demo_sft_data("xq")
 
 
-def test_the_demo_sft_data_is_built_once_by_the_teacher_function(monkeypatch, tmp_path):
+def test_the_demo_sft_data_is_cached_per_mode_and_rebuilt_when_its_inputs_change(monkeypatch, tmp_path):
+    """The cache decision of ``assets``: the builder is a recorder here (the real scripted teacher, which
+    takes a minute, is run by ``tests/ragr1_verl/data/test_scripted_teacher.py``)."""
     import ragr1_verl.data
 
     calls = []
