@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import uuid4
 
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
-
 from ragr1_verl import protocol
 from ragr1_verl.config import ConfigError, RagR1Config, load_config, resolve_prompt_template
 from ragr1_verl.retrieval_client import shared_client
+from ragr1_verl.verl_compat import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register_agent_loop
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def config_for(trainer_config: Any) -> tuple[RagR1Config, str | None]:
     return config, template
 
 
-@register(AGENT_NAME)
+@register_agent_loop(AGENT_NAME)
 class RagR1AgentLoop(AgentLoopBase):
     """The RAG-R1 rollout. Settings come from the trainer config's ``ragr1:`` section (see the README)."""
 

@@ -23,9 +23,10 @@ from numbers import Real
 from types import ModuleType
 from typing import Any
 
+from ragr1_verl import verl_compat
+
 logger = logging.getLogger(__name__)
 
-TRAINER_MODULE = "verl.trainer.ppo.v1.trainer_base"
 _COMPUTE_METRICS_PARAMETERS = ["self", "batch", "metrics", "timing_raw", "global_steps", "epoch"]
 # A trajectory counts as one of our rollout's when its extra fields hold this counter.
 ROLLOUT_MARKER = "ragr1/searches"
@@ -193,11 +194,11 @@ def patch_trainer(trainer_base: ModuleType) -> None:
     step goes on (a metric must not stop a training run).
     """
     trainer = getattr(trainer_base, "PPOTrainer", None)
-    original = getattr(trainer, "_compute_metrics", None)
+    original = getattr(trainer, verl_compat.COMPUTE_METRICS, None)
     if original is None or list(inspect.signature(original).parameters) != _COMPUTE_METRICS_PARAMETERS:
         raise VerlMetricsHookChanged(
-            f"{TRAINER_MODULE}.PPOTrainer._compute_metrics{tuple(_COMPUTE_METRICS_PARAMETERS)} was not found; "
-            "the ragr1/ training metrics support verl 0.9.x")
+            f"{verl_compat.TRAINER_BASE_MODULE}.PPOTrainer.{verl_compat.COMPUTE_METRICS}"
+            f"{tuple(_COMPUTE_METRICS_PARAMETERS)} was not found; the ragr1/ training metrics support verl 0.9.x")
     if getattr(original, "_ragr1_metrics", False):
         return
 
@@ -212,7 +213,7 @@ def patch_trainer(trainer_base: ModuleType) -> None:
 
     _compute_metrics._ragr1_metrics = True
     _compute_metrics._ragr1_original = original
-    trainer._compute_metrics = _compute_metrics
+    setattr(trainer, verl_compat.COMPUTE_METRICS, _compute_metrics)
 
 
 def _patch_or_warn(trainer_base: ModuleType) -> None:
@@ -224,6 +225,4 @@ def _patch_or_warn(trainer_base: ModuleType) -> None:
 
 def install() -> None:
     """Queue :func:`patch_trainer` on verl's v1 trainer module (at once if it is already imported)."""
-    from ragr1_verl.cpu.hooks import after_import  # a generic after-import hook; nothing CPU-specific runs
-
-    after_import(TRAINER_MODULE, _patch_or_warn)
+    verl_compat.after_import(verl_compat.TRAINER_BASE_MODULE, _patch_or_warn)

@@ -14,13 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from verl.tools.base_tool import BaseTool
-from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
-from verl.utils.rollout_trace import rollout_trace_op
-
 from ragr1_verl import protocol
 from ragr1_verl.config import load_config
 from ragr1_verl.retrieval_client import shared_client
+from ragr1_verl.verl_compat import BaseTool, OpenAIFunctionToolSchema, ToolResponse, rollout_trace_op
 
 logger = logging.getLogger(__name__)
 

@@ -18,50 +18,41 @@ recipes use for their default model and data is registered, so that they compose
 
 from __future__ import annotations
 
-import importlib.abc
 import logging
-import sys
 from types import ModuleType
 
-AGENT_LOOP_MODULE = "verl.experimental.agent_loop.agent_loop"
+from ragr1_verl import verl_compat
+
 AGENT_NAME = "ragr1_agent"
 AGENT_TARGET = "ragr1_verl.agent_loop.RagR1AgentLoop"
+
+logger = logging.getLogger(__name__)
 
 
 def register(agent_loop_module: ModuleType) -> None:
     """Add ``ragr1_agent`` to verl's registry; instantiating it imports our module then."""
-    agent_loop_module._agent_loop_registry.setdefault(AGENT_NAME, {"_target_": AGENT_TARGET})
+    registry = getattr(agent_loop_module, verl_compat.AGENT_LOOP_REGISTRY, None)
+    if not isinstance(registry, dict):
+        raise verl_compat.UnsupportedVerl(f"{verl_compat.AGENT_LOOP_MODULE}.{verl_compat.AGENT_LOOP_REGISTRY} is "
+                                          "not a dict: this verl release is not supported")
+    registry.setdefault(AGENT_NAME, {"_target_": AGENT_TARGET})
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds verl's agent-loop module with the other finders and registers once it has executed."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != AGENT_LOOP_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = next((found for finder in sys.meta_path if hasattr(finder, "find_spec")
-                     and (found := finder.find_spec(fullname, path, target)) is not None), None)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module: ModuleType) -> None:
-            execute(module)
-            register(module)
-
-        spec.loader.exec_module = exec_module  # this loader instance serves this one module only
-        return spec
+def check_version() -> None:
+    """Said once in every verl process: verl swallows a plugin's exceptions (at DEBUG level), and the first
+    verl symbol we use raises the same error again."""
+    try:
+        verl_compat.check_verl_version()
+    except verl_compat.UnsupportedVerl as err:
+        logger.error("ragr1-verl: %s", err)
+        raise
 
 
 def install() -> None:
-    module = sys.modules.get(AGENT_LOOP_MODULE)
-    if module is not None and hasattr(module, "_agent_loop_registry"):
-        register(module)
-    elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    verl_compat.after_import(verl_compat.AGENT_LOOP_MODULE, register)
 
 
+check_version()
 install()
 
 

@@ -134,7 +134,7 @@ target, checkout = sys.argv[1], sys.argv[2]
 sys.path = [target] + [p for p in sys.path if os.path.realpath(p) != os.path.realpath(checkout)]
 from hydra import compose, initialize_config_module
 import hydra_plugins, ragr1_verl, verl
-from verl.utils.import_utils import resolve_config_path
+from ragr1_verl.verl_compat import resolve_config_path
 with initialize_config_module("verl.trainer.config", version_base=None):
     grpo = compose("ppo_trainer", overrides=["+recipe=ragr1_grpo"])
 with initialize_config_module("verl.trainer.config", version_base=None):

@@ -14,7 +14,7 @@ Selection. Nothing here is active unless chosen, so a GPU user importing the plu
   inherit it, and the recipe also puts it in Ray's ``runtime_env`` for clusters started elsewhere.
 
 The plugin entry point calls :func:`activate_if_selected` inside ``import verl``; everything that touches
-heavier verl modules waits for those modules to be imported (:mod:`.hooks`).
+heavier verl modules waits for those modules to be imported (:func:`ragr1_verl.verl_compat.after_import`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from ragr1_verl import verl_compat
+
 logger = logging.getLogger(__name__)
 
 SELECT_ENV = "RAGR1_CPU_BACKEND"
 RECIPE_PREFIXES = ("ragr1_cpu", "ragr1_sft_cpu")  # main_ppo's CPU recipes and sft_trainer's
 ROLLOUT_NAME = "hf_cpu"
-SUPPORTED_VERL = ((0, 9), (0, 10))  # [min, max) of (major, minor)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -60,7 +61,7 @@ def activate() -> None:
     global _active
     if _active:
         return
-    _check_verl_version()
+    verl_compat.check_verl_version()
     from ragr1_verl.cpu import patches
     from ragr1_verl.cpu.assets import register_resolver
     from ragr1_verl.cpu.platform import install_platform
@@ -97,14 +98,3 @@ def warn_about_ray_address(argv: Sequence[str] | None = None, environ: Mapping[s
                "~ray_kwargs.ray_init.num_gpus")
     logger.warning("%s", message)
     return message
-
-
-def _check_verl_version() -> None:
-    import verl
-
-    version = getattr(verl, "__version__", "0")
-    parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-    low, high = SUPPORTED_VERL
-    if not low <= parts < high:
-        raise RuntimeError(f"the ragr1 CPU backend supports verl {low[0]}.{low[1]}.x only, found verl {version}: "
-                           "its patches rely on verl internals of that release")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl import verl_compat
 from ragr1_verl.config import CHOICES
 from ragr1_verl.cpu import demo_report as report
 from ragr1_verl.cpu.demo_report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
@@ -516,7 +517,7 @@ def sft_command(run: Run, checkpoints: Path) -> list[str]:
     """verl's SFT trainer under torchrun (one CPU rank), the CPU SFT recipe, then the preset's overrides and
     the user's (which win)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               "-m", "verl.trainer.sft_trainer"]
+               "-m", verl_compat.SFT_TRAINER_MODULE]
     overrides = [f"+recipe={SFT_RECIPES[run.args.mode]}",
                  f"trainer.default_local_dir={checkpoints}", "trainer.logger=[console,file]",
                  # the model only, as a Hugging Face folder: an unfinished stage starts again rather than
@@ -591,7 +592,7 @@ def rl_command(run: Run, start_model: Path) -> list[str]:
     """The ``main_ppo`` command line: the recipe, the start model, the retriever, where metrics, rollouts and
     the final model go, the preset's overrides, the seed, then the user's overrides (which win)."""
     folder = run.folder / run.rl_label
-    command = [sys.executable, "-m", "verl.trainer.main_ppo"]
+    command = [sys.executable, "-m", verl_compat.MAIN_PPO_MODULE]
     overrides = [f"+recipe={RL_RECIPES[run.algorithm]}",
                  f"actor_rollout_ref.model.path={start_model}", f"ragr1.retriever.url={run.retriever_url}",
                  "trainer.logger=[console,file]", f"trainer.rollout_data_dir={folder / 'rollouts'}",
@@ -693,7 +694,7 @@ def rollout_settings(run: Run) -> dict[str, Any]:
                  *[item for item in run.overrides if item.startswith(("ragr1.", "data.max_"))]]
     if run.args.mode == "sq":
         overrides += ["ragr1.mode=sq", "ragr1.prompt_template=sq"]
-    with initialize_config_module("verl.trainer.config", version_base=None):
+    with initialize_config_module(verl_compat.CONFIG_MODULE, version_base=None):
         config = compose("ppo_trainer", overrides=overrides)
     ragr1 = OmegaConf.to_container(config.ragr1, resolve=False)
     return {"ragr1": ragr1, "prompt": int(config.data.max_prompt_length),

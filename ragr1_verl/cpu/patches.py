@@ -21,8 +21,9 @@ import logging
 from types import ModuleType
 from typing import Any
 
+from ragr1_verl import verl_compat
 from ragr1_verl.cpu import ROLLOUT_NAME
-from ragr1_verl.cpu.hooks import after_import
+from ragr1_verl.verl_compat import after_import
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,14 @@ def _source(function: Any) -> str:
 
 def install() -> None:
     """Queue every registration and patch on its verl module (run at once for modules already imported)."""
-    after_import("verl.utils.distributed", patch_process_group_backend)
-    after_import("verl.utils.distributed", patch_torchrun_process_group_backend)
-    after_import("verl.workers.engine_workers", rebind_process_group_init)
-    after_import("verl.workers.engine.fsdp.transformer_impl", register_fsdp_engines)
-    after_import("verl.workers.engine.fsdp.transformer_impl", unpin_forward_only_offload)
-    after_import("verl.utils.model", load_value_model_with_sdpa)
-    after_import("verl.workers.rollout.base", register_rollout_adapter)
-    after_import("verl.workers.rollout.replica", register_rollout_replica)
+    after_import(verl_compat.DISTRIBUTED_MODULE, patch_process_group_backend)
+    after_import(verl_compat.DISTRIBUTED_MODULE, patch_torchrun_process_group_backend)
+    after_import(verl_compat.ENGINE_WORKERS_MODULE, rebind_process_group_init)
+    after_import(verl_compat.FSDP_ENGINE_MODULE, register_fsdp_engines)
+    after_import(verl_compat.FSDP_ENGINE_MODULE, unpin_forward_only_offload)
+    after_import(verl_compat.MODEL_UTILS_MODULE, load_value_model_with_sdpa)
+    after_import(verl_compat.ROLLOUT_BASE_MODULE, register_rollout_adapter)
+    after_import(verl_compat.ROLLOUT_REPLICA_MODULE, register_rollout_replica)
 
 
 # -- process group ----------------------------------------------------------------------------------------
@@ -129,8 +130,7 @@ def _single_process_environment(environ) -> None:
 
 def rebind_process_group_init(engine_workers: ModuleType) -> None:
     """engine_workers imported the function by name; give it the patched one if it got the original."""
-    from verl.utils import distributed
-
+    distributed = verl_compat.verl_module(verl_compat.DISTRIBUTED_MODULE)
     bound = getattr(engine_workers, "initialize_global_process_group_ray", None)
     patched = distributed.initialize_global_process_group_ray
     _expect(bound is not None, "verl.workers.engine_workers no longer imports initialize_global_process_group_ray")
@@ -141,21 +141,19 @@ def rebind_process_group_init(engine_workers: ModuleType) -> None:
 # -- FSDP engines ----------------------------------------------------------------------------------------
 
 def register_fsdp_engines(transformer_impl: ModuleType) -> None:
-    from verl.workers.engine.base import EngineRegistry
-
+    registry = verl_compat.EngineRegistry
     engines = {"language_model": "FSDPEngineWithLMHead", "value_model": "FSDPEngineWithValueHead"}
     for model_type, class_name in engines.items():
         engine = getattr(transformer_impl, class_name, None)
         _expect(engine is not None, f"verl.workers.engine.fsdp.transformer_impl.{class_name} was not found")
-        registered = EngineRegistry._engines.get(model_type, {})
+        registered = getattr(registry, verl_compat.ENGINE_REGISTRY_ENGINES).get(model_type, {})
         backends = [backend for backend in ("fsdp", "fsdp2") if "cpu" not in registered.get(backend, {})]
         if backends:
-            EngineRegistry.register(model_type=model_type, backend=backends, device="cpu")(engine)
+            registry.register(model_type=model_type, backend=backends, device="cpu")(engine)
 
 
 def unpin_forward_only_offload(transformer_impl: ModuleType) -> None:
-    from verl.utils import fsdp_utils
-
+    fsdp_utils = verl_compat.verl_module(verl_compat.FSDP_UTILS_MODULE)
     policy = getattr(transformer_impl, "CPUOffloadPolicy", None)
     if getattr(policy, "_ragr1_cpu", False):
         return
@@ -195,7 +193,7 @@ def load_value_model_with_sdpa(model_module: ModuleType) -> None:
 # -- rollout ---------------------------------------------------------------------------------------------
 
 def register_rollout_adapter(rollout_base: ModuleType) -> None:
-    registry = getattr(rollout_base, "_ROLLOUT_REGISTRY", None)
+    registry = getattr(rollout_base, verl_compat.ROLLOUT_REGISTRY, None)
     _expect(isinstance(registry, dict) and ("vllm", "async") in registry
             and callable(getattr(rollout_base, "get_rollout_class", None)),
             "verl.workers.rollout.base._ROLLOUT_REGISTRY is no longer a {(name, mode): class path} dict")

@@ -15,7 +15,9 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from verl.plugin.platform import PlatformBase  # loaded before plugins: importing it here is free
+
+from ragr1_verl import verl_compat
+from ragr1_verl.verl_compat import PlatformBase  # loaded before plugins: importing it here is free
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +183,10 @@ class PlatformCPU(PlatformBase):
 
 def install_platform() -> PlatformBase:
     """Register the CPU platform (``VERL_PLATFORM=ragr1_cpu`` also picks it) and make it the current one."""
-    from verl.plugin.platform import PlatformRegistry, platform_manager, set_platform
-
-    platform_class = PlatformRegistry.get(PLATFORM_NAME) or PlatformRegistry.register(PLATFORM_NAME)(PlatformCPU)
-    current = platform_manager._current_platform  # read without triggering detection (it would pick CUDA)
+    registry, manager = verl_compat.PlatformRegistry, verl_compat.platform_manager
+    platform_class = registry.get(PLATFORM_NAME) or registry.register(PLATFORM_NAME)(PlatformCPU)
+    # read without triggering detection (it would pick CUDA)
+    current = getattr(manager, verl_compat.CURRENT_PLATFORM)
     if not isinstance(current, platform_class):
-        set_platform(platform_class())
-    return platform_manager.get_platform()
+        verl_compat.set_platform(platform_class())
+    return manager.get_platform()

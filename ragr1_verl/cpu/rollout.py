@@ -26,10 +26,9 @@ from typing import Any
 
 import ray
 import torch
-from verl.workers.rollout.base import BaseRollout
-from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
 from ragr1_verl.cpu.generation import Generation, SamplingSettings, TransformersGenerator
+from ragr1_verl.verl_compat import BaseRollout, RolloutReplica, TokenOutput
 
 logger = logging.getLogger(__name__)
 

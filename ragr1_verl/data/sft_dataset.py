@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ragr1_verl import protocol
+from ragr1_verl import protocol, verl_compat
 from ragr1_verl.data.io import DataError, where
 
 logger = logging.getLogger(__name__)
@@ -237,12 +237,9 @@ class RagR1SFTDataset(Dataset):
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt as the agent loop builds it: the chat template with the generation prompt."""
-        from verl.utils.tokenizer.chat_template import apply_chat_template
-        from verl.utils.tokenizer.tokenizer import normalize_token_ids
-
-        rendered = apply_chat_template(self.tokenizer, messages, tokenize=True, add_generation_prompt=True,
+        rendered = verl_compat.apply_chat_template(self.tokenizer, messages, tokenize=True, add_generation_prompt=True,
                                        **self.chat_template_kwargs)
-        return list(normalize_token_ids(rendered))
+        return list(verl_compat.normalize_token_ids(rendered))
 
     def _encode_text(self, text: str) -> list[int]:
         return self._codec.encode(text)  # the agent loop's encoder call (the Rust tokenizer when there is one)
@@ -272,18 +269,14 @@ class RagR1SFTDataset(Dataset):
 
 def _load_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, str | os.PathLike):
-        from verl.utils import hf_tokenizer
-
-        return hf_tokenizer(str(tokenizer))
+        return verl_compat.hf_tokenizer(str(tokenizer))
     return tokenizer
 
 
 def _read_rows(path: str | os.PathLike[str], prompt_key: str, trajectory_key: str) -> list[_Row]:
     """Every row of one parquet file, checked up front so a bad row fails here and not mid-training."""
     import pyarrow.parquet as pq
-    from verl.utils.fs import copy_local_path_from_hdfs
-
-    local = copy_local_path_from_hdfs(str(path), verbose=False)
+    local = verl_compat.copy_local_path_from_hdfs(str(path), verbose=False)
     columns = pq.read_schema(local).names
     for key in (prompt_key, trajectory_key):
         if key not in columns:

@@ -22,9 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from verl.workers.rollout.replica import TokenOutput
-
 from ragr1_verl.data.teacher.client import OpenAIClient, TeacherError, TeacherSettings, restore_stop
+from ragr1_verl.verl_compat import TokenOutput
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragr1_verl import verl_compat
 from ragr1_verl.data.io import DataError, read_records, where
 from ragr1_verl.evaluation.protocols import PROJECT, PROTOCOLS, EvalProtocol
 from ragr1_verl.protocol import extract_answer
@@ -128,7 +129,7 @@ def trainer_config(model_dir: str | Path, settings: EvalSettings) -> Any:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
-    with initialize_config_module("verl.trainer.config", version_base=None):
+    with initialize_config_module(verl_compat.CONFIG_MODULE, version_base=None):
         config = compose("ppo_trainer", overrides=[
             f"actor_rollout_ref.model.path={model_dir}",
             f"actor_rollout_ref.rollout.prompt_length={settings.max_prompt_tokens}",
@@ -151,14 +152,12 @@ class Evaluator:
     results_path: Path
 
     def _new_loop(self):
-        from verl.experimental.agent_loop.agent_loop import DictConfigWrap
-        from verl.utils.dataset.rl_dataset import RLHFDataset
-
         from ragr1_verl.agent_loop import RagR1AgentLoop
 
-        return RagR1AgentLoop(trainer_config=DictConfigWrap(self.config), server_manager=self.backend,
-                              tokenizer=self.tokenizer, processor=None, dataset_cls=RLHFDataset,
-                              data_config=DictConfigWrap(self.config.data))
+        wrap = verl_compat.DictConfigWrap
+        return RagR1AgentLoop(trainer_config=wrap(self.config), server_manager=self.backend,
+                              tokenizer=self.tokenizer, processor=None, dataset_cls=verl_compat.RLHFDataset,
+                              data_config=wrap(self.config.data))
 
     async def run(self, questions: Sequence[EvalQuestion], progress: Any = None) -> list[str]:
         """Evaluate ``questions`` with at most ``concurrency`` in flight; returns the ids that failed.

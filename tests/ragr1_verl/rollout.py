@@ -14,9 +14,8 @@ import numpy as np
 def shipped_config(name: str) -> str:
     """A YAML of ``ragr1_verl/configs`` as a recipe would name it: relative to ``site-packages`` where verl's
     ``resolve_config_path`` finds it (a regular install), else absolute (an editable install)."""
-    from verl.utils.import_utils import resolve_config_path
-
     import ragr1_verl
+    from ragr1_verl.verl_compat import resolve_config_path
 
     relative = f"ragr1_verl/configs/{name}"
     try:

@@ -199,7 +199,8 @@ RESOLVE_PATHS = """
 import json, sys
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from verl.utils.import_utils import load_extern_object, resolve_config_path
+from verl.utils.import_utils import load_extern_object
+from ragr1_verl.verl_compat import resolve_config_path
 
 FILE_PATHS = ["actor_rollout_ref.rollout.agent.agent_loop_config_path",
               "actor_rollout_ref.rollout.multi_turn.tool_config_path",
@@ -291,7 +292,7 @@ def test_the_shipped_worker_yamls_sit_where_verl_resolves_them_after_a_regular_i
 
 
 def test_the_shipped_worker_yamls_resolve_from_the_checkout_in_the_editable_install(monkeypatch):
-    from verl.utils.import_utils import resolve_config_path
+    from ragr1_verl.verl_compat import resolve_config_path
 
     monkeypatch.chdir(Path(ragr1_verl.__file__).parent.parent)  # the checkout, in the editable install
     resolved = resolve_config_path("ragr1_verl/configs/agent_loop.yaml")

@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 from verl.tools.tool_registry import initialize_tools_from_config
-from verl.utils.import_utils import resolve_config_path
 
 from ragr1_verl.retrieval_client import close_shared_clients
 from ragr1_verl.search_tool import MultiQuerySearchTool
+from ragr1_verl.verl_compat import resolve_config_path
 from tests.ragr1_verl.fakes import ScriptedLLM, scripted
 from tests.ragr1_verl.rollout import compose_trainer_config, run, shipped_config
 
