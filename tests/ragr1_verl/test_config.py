@@ -105,13 +105,15 @@ def test_prompt_templates_by_name_text_and_file(tmp_path):
         resolve_prompt_template(str(tmp_path / "bad.txt"), "mq")
 
 
-def _readme_config_rows() -> dict[str, str]:
-    """``key -> default`` from the README's configuration table (rows naming two keys give two)."""
+def _documented_config_rows() -> dict[str, str]:
+    """``key -> default`` from the configuration table of docs/reference/configuration.md (rows naming two
+    keys give two)."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    table = text.split("### Configuration reference (`ragr1:`)", 1)[1].split("\n### ", 1)[0]
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "configuration.md").read_text(
+        encoding="utf-8")
+    table = text.split("# Configuration reference (`ragr1:`)", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -124,7 +126,7 @@ def _readme_config_rows() -> dict[str, str]:
     return rows
 
 
-def _as_readme_text(value) -> str:
+def _as_table_text(value) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -134,23 +136,23 @@ def _as_readme_text(value) -> str:
     return str(value)
 
 
-def test_every_setting_is_in_the_readme_with_its_default():
+def test_every_setting_is_in_the_configuration_reference_with_its_default():
     from dataclasses import fields
 
     from ragr1_verl.config import DEFAULT_RETRIEVER_URL, RagR1Config
     from ragr1_verl.retrieval_client import RetrieverSettings
 
     rows = {key: cell.strip("`").replace("none", "null").replace("(unset)", "null") for key, cell in
-            _readme_config_rows().items()}
+            _documented_config_rows().items()}
     declared = {f.name: f.default for f in fields(RagR1Config) if f.name != "retriever"}
     retriever = RetrieverSettings(urls=(DEFAULT_RETRIEVER_URL,))
     declared |= {f"retriever.{f.name}": getattr(retriever, f.name) for f in fields(RetrieverSettings)
                  if f.name != "urls"}
     declared["retriever.url"] = DEFAULT_RETRIEVER_URL
     missing = sorted(set(declared) - set(rows))
-    assert not missing, f"settings missing from the README's configuration table: {missing}"
+    assert not missing, f"settings missing from the configuration reference (docs): {missing}"
     unknown = sorted(set(rows) - set(declared) - {"enabled"})
-    assert not unknown, f"the README documents settings that do not exist: {unknown}"
-    wrong = {key: (rows[key], _as_readme_text(value)) for key, value in declared.items()
-             if rows[key] != _as_readme_text(value)}
-    assert not wrong, f"README default differs from the code (README, code): {wrong}"
+    assert not unknown, f"the configuration reference (docs) documents settings that do not exist: {unknown}"
+    wrong = {key: (rows[key], _as_table_text(value)) for key, value in declared.items()
+             if rows[key] != _as_table_text(value)}
+    assert not wrong, f"a default in the configuration reference (docs) differs from the code (docs, code): {wrong}"
