@@ -184,7 +184,7 @@ def config_for(trainer_config: Any) -> tuple[RagR1Config, str | None]:
 
 @register_agent_loop(AGENT_NAME)
 class RagR1AgentLoop(AgentLoopBase):
-    """The RAG-R1 rollout. Settings come from the trainer config's ``ragr1:`` section (see the README)."""
+    """The RAG-R1 rollout. Settings come from the trainer config's ``ragr1:`` section (see ``docs/reference/configuration.md``)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.pop("tools", None)  # the loop speaks the tag protocol; verl's tool list is not used

@@ -2,7 +2,7 @@
 
 verl validates ``actor_rollout_ref.rollout.*`` strictly, so the plugin's settings live in a top-level
 ``ragr1:`` section of the trainer config (the recipes fill it in). The search tool reads the same keys from
-its tool YAML ``config:``. Every key, its default and the paper's value are listed in the README
+its tool YAML ``config:``. Every key, its default and the paper's value are listed in ``docs/reference/configuration.md``
 ("Configuration reference"); :func:`load_config` rejects unknown keys and wrong types by name.
 """
 

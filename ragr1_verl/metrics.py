@@ -9,7 +9,7 @@ no public hook for more. So :func:`install` wraps that method (after the module 
 that it still looks as in verl 0.9.x) to read the step's ``extra_fields`` from TransferQueue and add
 :func:`aggregate`'s means. It is the only place that touches verl; the aggregation itself is plain Python.
 
-Every key is named once, in :data:`METRICS` and :data:`GROUP_KEYS`; the README's "Training metrics" table documents them.
+Every key is named once, in :data:`METRICS` and :data:`GROUP_KEYS`; ``docs/reference/metrics.md`` documents them.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ QUICK = Preset(
     rl_steps=20,
     # see QUICK_RL_BATCH
     rl_overrides=QUICK_RL_BATCH,
-    # measured 36 min with empty caches (README quickstart); the target leaves room for a slower machine
+    # measured 36 min with empty caches (docs/getting-started.md); the target leaves room for a slower machine
     run_budget_min=45,
 )
 

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
-    rollout = parser.add_argument_group("rollout (the ragr1 section; see the README's configuration reference)")
+    rollout = parser.add_argument_group("rollout (the ragr1 section; see docs/reference/configuration.md)")
     rollout.add_argument("--retriever-url", default=os.environ.get("RAGR1_RETRIEVER_URL",
                                                                    "http://127.0.0.1:8000/retrieve"),
                          help="ragr1.retriever.url (env RAGR1_RETRIEVER_URL)")

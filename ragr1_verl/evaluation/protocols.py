@@ -2,7 +2,7 @@
 
 Numbers are only comparable with the paper's under the paper's protocol, and most disagreements about
 Search-R1-style results come from a silent difference in it. Each field of :class:`EvalProtocol` is one row
-of the README's protocol table, where the line of RAG-R1's ``evaluation/eval_multiquery.py`` each ``paper``
+of the protocol table in ``docs/guides/evaluation.md``, where the line of RAG-R1's ``evaluation/eval_multiquery.py`` each ``paper``
 value follows is given.
 """
 

@@ -237,8 +237,8 @@ def shared_rows(rows: Sequence[BenchmarkSummary], other: Sequence[BenchmarkSumma
 def protocol_header(protocol: str, mode: str) -> str:
     """What ``summary.md`` says about how its numbers were measured."""
     if protocol == "paper":
-        return (f"Protocol: **paper** (the original evaluation script's rules; see the README's protocol "
-                f"table). Paper column: RAG-R1-{mode}, Table 3 (EM, Qwen2.5-7B-Instruct, KILT with BGE-large).")
+        return (f"Protocol: **paper** (the original evaluation script's rules; see the protocol table "
+                f"in docs/guides/evaluation.md). Paper column: RAG-R1-{mode}, Table 3 (EM, Qwen2.5-7B-Instruct, KILT with BGE-large).")
     return (f"Protocol: **project** (the training rollout's rules). EM here is not comparable with the paper's "
             f"column, which is RAG-R1-{mode} under the paper's protocol: rerun with `--protocol paper` for that.")
 
