@@ -9,7 +9,9 @@ number of steps and its Hydra overrides for ``main_ppo``. Explicit flags win ove
   prompts; the whole run (both stages and the evaluation) ends within 45 minutes on the 2-core machine. It
   shows every component working and prints the reward per step; it is too small to claim a rise.
 - ``full`` trains long enough to look for one: stage 1 within 60 minutes per mode and each RL seed within
-  90 minutes, on otherwise idle cores. Its values are placeholders until they are measured.
+  90 minutes, on otherwise idle cores. Its RL step is sized by measurement (2026-12-07, 2-core AMD EPYC):
+  4 prompts x 4 rollouts took 514-634 s a step (40 steps: about 6 hours), 2 x 4 took 195-230 s; whether 24
+  steps of 2 x 4 raise the dev EM is not measured yet (docs/results/cpu-runs.md).
 """
 
 from __future__ import annotations
@@ -67,11 +69,10 @@ QUICK = Preset(
     run_budget_min=45,
 )
 
-# PLACEHOLDER values (issue 23): to be replaced once measured against the budgets below.
 FULL = Preset(
     name="full",
-    description="long enough to look for a rise: SFT on every trajectory, 40 GRPO steps of 4 prompts x 4 "
-                "rollouts (placeholder values)",
+    description="long enough to look for a rise: SFT on every trajectory, 24 GRPO steps of 2 prompts x 4 "
+                "rollouts",
     sft_overrides=(
         # all 166 teacher trajectories instead of 40 (~23 min an epoch on 2 cores)
         "data.train_max_samples=-1",
@@ -80,12 +81,14 @@ FULL = Preset(
     # GRPO: no critic to train (a cheaper step) and group-normalised advantages, a denser signal than PPO's
     # from a batch of 2 with rewards mostly 0
     rl_algorithm="grpo",
-    # twice the quick run's steps, each with 8x its trajectories: placeholder until a step is timed
-    rl_steps=40,
+    # 195-230 s a step on 2 idle cores (run r02): 24 steps and the start fit the 90-minute budget
+    rl_steps=24,
     rl_overrides=(
-        "data.train_batch_size=4",  # 4 prompts a step (the recipe's own), twice the quick run's
+        # 2 prompts a step: 4 prompts x 4 rollouts took 514-634 s a step (run r01), 40 steps about 6 hours
+        "data.train_batch_size=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",  # one update a step (mini-batch = batch, 8 trajectories)
         "actor_rollout_ref.rollout.n=4",  # 4 rollouts per prompt: a group of 4 for GRPO's advantage
-        # the recipe's mini-batch (4 prompts = 16 trajectories) and micro-batches (2 and 4) divide 16
+        # the recipe's micro-batches (2 and 4 trajectories) divide the 8
         # sampling closer to the greedy policy that is evaluated: at temperature 1 a 135M model loses most of
         # its answers, and a group whose rollouts all fail teaches nothing
         "actor_rollout_ref.rollout.temperature=0.7",

@@ -58,9 +58,10 @@ def test_the_full_preset_reaches_both_commands(tmp_path):
     assert _value(sft, "data.train_max_samples") == "-1" and _value(sft, "trainer.total_epochs") == "2"
     rl = demo.rl_command(run, tmp_path / "sft")
     assert "+recipe=ragr1_cpu_grpo" in rl and _value(rl, "trainer.total_training_steps") == str(full.rl_steps)
-    assert _value(rl, "data.train_batch_size") == "4" and _value(rl, "actor_rollout_ref.rollout.n") == "4"
+    assert _value(rl, "data.train_batch_size") == "2" and _value(rl, "actor_rollout_ref.rollout.n") == "4"
+    assert _value(rl, "actor_rollout_ref.actor.ppo_mini_batch_size") == "2"  # mini-batch = batch: one update
     assert _value(rl, "critic.ppo_mini_batch_size") is None  # quick's batch settings stay with quick
-    assert run.algorithm == "grpo" and full.prompts_per_step == 4
+    assert run.algorithm == "grpo" and full.prompts_per_step == 2
 
 
 def test_explicit_flags_and_overrides_win_over_the_preset(tmp_path):
@@ -103,7 +104,7 @@ def test_the_preset_and_seed_overrides_compose_with_verls_configs(tmp_path):
     for item in presets.FULL.rl_overrides:  # every key of the preset is verl's, and takes the preset's value
         key, _, value = item.partition("=")
         assert str(OmegaConf.select(full, key)).lower() == value.lower(), item
-    assert config.algorithm.adv_estimator == "grpo" and config.data.train_batch_size == 4
+    assert config.algorithm.adv_estimator == "grpo" and config.data.train_batch_size == presets.FULL.prompts_per_step
     assert config.actor_rollout_ref.rollout.n == 4 and config.data.seed == 3
     assert config.actor_rollout_ref.rollout.seed == 3
     assert sft_config.data.train_max_samples == -1 and sft_config.trainer.total_epochs == 2
@@ -316,7 +317,7 @@ def test_run_json_records_each_command_and_refuses_another_preset_or_mode(tmp_pa
     assert (record["preset"], record["mode"]) == ("full", "mq")
     assert [entry["settings"]["seed"] for entry in record["invocations"]] == [0, 1]
     first = record["invocations"][0]
-    assert first["settings"]["algorithm"] == "grpo" and first["settings"]["steps"] == 40
+    assert first["settings"]["algorithm"] == "grpo" and first["settings"]["steps"] == demo.PRESETS["full"].rl_steps
     assert "data.train_max_samples=-1" in first["settings"]["sft_overrides"]
     assert first["code"].get("git_commit") or first["code"].get("version")
     for argv in (["--preset", "quick"], ["--preset", "full", "--mode", "sq"]):
