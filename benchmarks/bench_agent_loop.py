@@ -435,7 +435,9 @@ BREAKDOWN_PARTS = ("decode generated tokens", "parse action + split queries",
 
 async def breakdown(harness: Harness, count: int) -> dict:
     """One pass at concurrency 1 with the loop's steps wrapped in timers: milliseconds per turn per step."""
-    from ragr1_verl import agent_loop, protocol
+    from ragr1_verl import agent_loop
+    from ragr1_verl.protocol import observation
+
 
     spent = dict.fromkeys(BREAKDOWN_PARTS, 0.0)
     calls = dict.fromkeys(BREAKDOWN_PARTS, 0)
@@ -452,9 +454,9 @@ async def breakdown(harness: Harness, count: int) -> dict:
 
     state = agent_loop._TokenizerState
     patches = [(state, "decode", BREAKDOWN_PARTS[0]),
-               (protocol, "parse_action", BREAKDOWN_PARTS[1]),
-               (protocol, "split_queries", BREAKDOWN_PARTS[1]),
-               (protocol, "_layout", BREAKDOWN_PARTS[2]),
+               (agent_loop, "parse_action", BREAKDOWN_PARTS[1]),  # the names the rollout calls
+               (agent_loop, "split_queries", BREAKDOWN_PARTS[1]),
+               (observation, "_layout", BREAKDOWN_PARTS[2]),
                (agent_loop, "observation_ids", BREAKDOWN_PARTS[3]),
                (state, "encode", BREAKDOWN_PARTS[4])]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
@@ -524,7 +526,7 @@ def build_dense_qwen2(folder: Path, vocab_size: int = 8000) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config
 
-    from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE
+    from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE
     from tests.ragr1_verl.fakes import CHAT_TEMPLATE, TRAINING_TEXT, build_tiny_qwen2
 
     build_tiny_qwen2(folder)

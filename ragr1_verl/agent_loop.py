@@ -20,8 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import uuid4
 
-from ragr1_verl import protocol
 from ragr1_verl.config import ConfigError, RagR1Config, load_config, resolve_prompt_template
+from ragr1_verl.protocol.actions import (
+    STOP_STRINGS,
+    Action,
+    parse_action,
+    round_outcome,
+    rounds_allowed,
+    split_queries,
+    stop_string_prefix,
+)
+from ragr1_verl.protocol.observation import (
+    INVALID_ACTION_REMINDER,
+    invalid_search,
+    policy_codec,
+    retrieval_failed,
+)
+from ragr1_verl.protocol.prompts import render_prompt
 from ragr1_verl.retrieval_client import shared_client
 from ragr1_verl.verl_compat import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register_agent_loop
 
@@ -38,7 +53,7 @@ def round_sampling_params(sampling_params: dict[str, Any], max_tokens: int, stop
     token ids (they trim only the text), so the round keeps them and trims after the stop string itself."""
     params = dict(sampling_params, max_tokens=max_tokens)
     if stop_strings:
-        params["stop"] = list(protocol.STOP_STRINGS)
+        params["stop"] = list(STOP_STRINGS)
     return params
 
 
@@ -127,7 +142,7 @@ class _TokenizerState:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         # The Rust tokenizer of a fast tokenizer, called directly: transformers' wrapper costs ~1 ms a search.
-        self.codec = protocol.policy_codec(tokenizer)
+        self.codec = policy_codec(tokenizer)
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self._encoded: dict[str, list[int]] = {}
 
@@ -199,7 +214,7 @@ class RagR1AgentLoop(AgentLoopBase):
         prompt_ids = await self.ct_build_initial_tokens(messages)
         response, stats = _Response(), TrajectoryStats()
         request_id = uuid4().hex
-        rounds = protocol.rounds_allowed(self.settings.max_turns, self.settings.final_round)
+        rounds = rounds_allowed(self.settings.max_turns, self.settings.final_round)
         for round_number in range(rounds):
             can_search = round_number < self.settings.max_turns
             if not await self._round(request_id, prompt_ids, sampling_params, response, stats, can_search):
@@ -229,9 +244,9 @@ class RagR1AgentLoop(AgentLoopBase):
                                                    stats)
         response.add_generated(ids, logprobs)
         stats.turns += 1
-        action = protocol.parse_action(text)
+        action = parse_action(text)
         ended = action.kind == "invalid" and self._ended_turn(ids, text, budget)
-        outcome = protocol.round_outcome(action, ended, can_search)
+        outcome = round_outcome(action, ended, can_search)
         if outcome != "continue":
             stats.answered = outcome == "answer"
             stats.budget_hit = outcome == "budget" and action.kind == "search"
@@ -245,7 +260,7 @@ class RagR1AgentLoop(AgentLoopBase):
         """The model stopped on its own (EOS or a stop token), not on a stop string or the token cap."""
         if ids and ids[-1] in self.tokens.eos_ids:
             return True
-        return len(ids) < budget and not text.rstrip().endswith(protocol.STOP_STRINGS)
+        return len(ids) < budget and not text.rstrip().endswith(STOP_STRINGS)
 
     def _drop_trailing_eos(self, response: _Response, stats: TrajectoryStats) -> None:
         """A search followed by EOS (a backend without stop strings) continues without the EOS in context."""
@@ -265,24 +280,24 @@ class RagR1AgentLoop(AgentLoopBase):
         stats.add_server_output(output)
         ids, logprobs = list(output.token_ids[:max_tokens]), output.log_probs
         text = self.tokens.decode(ids)
-        keep = protocol.stop_string_prefix(ids, self.tokens.decode, text=text)
+        keep = stop_string_prefix(ids, self.tokens.decode, text=text)
         if keep < len(ids):
             stats.trimmed_tokens += len(ids) - keep
             ids = ids[:keep]
             text = self.tokens.decode(ids)
         return ids, (list(logprobs[:len(ids)]) if logprobs is not None else None), text
 
-    async def _observe(self, action: protocol.Action, stats: TrajectoryStats) -> list[int]:
+    async def _observe(self, action: Action, stats: TrajectoryStats) -> list[int]:
         """The tokens appended after a non-final round: search results, or a reminder of the format."""
         if action.kind != "search":
             stats.invalid_actions += 1
-            return self.tokens.encode_fixed(protocol.INVALID_ACTION_REMINDER)
-        queries = protocol.split_queries(action.content, self.settings.query_rules)
+            return self.tokens.encode_fixed(INVALID_ACTION_REMINDER)
+        queries = split_queries(action.content, self.settings.query_rules)
         stats.duplicates_removed += queries.duplicates_removed
         stats.queries_dropped += queries.dropped_over_cap
         if queries.error is not None:
             stats.invalid_actions += 1
-            return self.tokens.encode(protocol.invalid_search(queries.error))
+            return self.tokens.encode(invalid_search(queries.error))
         stats.searches += 1
         stats.queries += len(queries.queries)
         result = await self.client.search(queries.queries, self.settings.topk)
@@ -290,7 +305,7 @@ class RagR1AgentLoop(AgentLoopBase):
         if not result.ok:
             stats.retrieval_failures += 1
             logger.warning("retrieval failed, the rollout goes on without results: %s", result.error)
-            return self.tokens.encode(protocol.retrieval_failed(result.error or "unknown error"))
+            return self.tokens.encode(retrieval_failed(result.error or "unknown error"))
         return observation_ids(self.tokens, self.settings, queries.queries, result.documents)
 
     def _prompt_messages(self, raw_prompt: Any, extra_info: Any) -> list[dict[str, Any]]:
@@ -307,5 +322,5 @@ class RagR1AgentLoop(AgentLoopBase):
         user_turns = [message for message in messages if message.get("role") == "user"]
         if not user_turns:
             raise ValueError("ragr1.prompt_template is set but the sample's raw_prompt has no user message")
-        user_turns[-1]["content"] = protocol.render_prompt(question, self.prompt_template)
+        user_turns[-1]["content"] = render_prompt(question, self.prompt_template)
         return messages

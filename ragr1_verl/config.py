@@ -14,14 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ragr1_verl.protocol import (
-    Codec,
-    Mode,
-    ObservationFormat,
-    ObservationRenderer,
-    QueryRules,
-    default_template,
-)
+from ragr1_verl.protocol.actions import Mode, QueryRules
+from ragr1_verl.protocol.observation import Codec, ObservationFormat, ObservationRenderer
+from ragr1_verl.protocol.prompts import default_template
 from ragr1_verl.retrieval_client import RetrieverSettings
 
 URL_ENV = "RAGR1_RETRIEVER_URL"
@@ -195,7 +190,7 @@ def resolve_prompt_template(value: str | None, mode: Mode) -> str:
 
 def _template_from_data(path: Path) -> str:
     from ragr1_verl.data import prompts  # data files need pyarrow: imported only for them
-    from ragr1_verl.data.io import DataError
+    from ragr1_verl.records import DataError
 
     try:
         if path.name == prompts.PROMPT_FILE:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ragr1_verl.protocol import (
+from ragr1_verl.protocol.actions import (
     INFORMATION_CLOSE,
     INFORMATION_OPEN,
     block_contents,

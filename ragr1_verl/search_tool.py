@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ragr1_verl import protocol
 from ragr1_verl.config import load_config
+from ragr1_verl.protocol.actions import Queries, clean_queries, split_queries
+from ragr1_verl.protocol.observation import invalid_search, retrieval_failed_text
 from ragr1_verl.retrieval_client import shared_client
 from ragr1_verl.verl_compat import BaseTool, OpenAIFunctionToolSchema, ToolResponse, rollout_trace_op
 
@@ -60,23 +61,23 @@ class MultiQuerySearchTool(BaseTool):
         metrics: dict[str, Any] = {"queries": len(queries.queries), "duplicates_removed": queries.duplicates_removed,
                                    "queries_dropped": queries.dropped_over_cap}
         if queries.error is not None:
-            return ToolResponse(text=protocol.invalid_search(queries.error).strip()), 0.0, metrics
+            return ToolResponse(text=invalid_search(queries.error).strip()), 0.0, metrics
         result = await shared_client(self.settings.retriever).search(queries.queries, self.settings.topk)
         metrics["retrieval_ms"] = result.elapsed_ms
         if not result.ok:
             logger.warning("retrieval failed: %s", result.error)
             metrics["retrieval_failed"] = True
-            return ToolResponse(text=protocol.retrieval_failed_text(result.error or "unknown error")), 0.0, metrics
+            return ToolResponse(text=retrieval_failed_text(result.error or "unknown error")), 0.0, metrics
         text = self.settings.observation_renderer().body(queries.queries, result.documents)
         return ToolResponse(text=text), 0.0, metrics
 
-    def _queries(self, parameters: dict[str, Any]) -> protocol.Queries:
+    def _queries(self, parameters: dict[str, Any]) -> Queries:
         """``query_list`` as a list of strings; a single string is split like a ``<search>`` tag's content."""
         value = parameters.get("query_list", parameters.get("queries", parameters.get("query")))
         if isinstance(value, str):
-            return protocol.split_queries(value, self.settings.query_rules)
+            return split_queries(value, self.settings.query_rules)
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            return protocol.Queries((), error="'query_list' must be a list of strings")
+            return Queries((), error="'query_list' must be a list of strings")
         if self.settings.mode == "sq":
             value = value[:1]
-        return protocol.clean_queries(value, self.settings.query_rules)
+        return clean_queries(value, self.settings.query_rules)

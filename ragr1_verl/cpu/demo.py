@@ -46,7 +46,7 @@ from ragr1_verl.cpu import demo_report as report
 from ragr1_verl.cpu.demo_report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
 from ragr1_verl.cpu.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides
 from ragr1_verl.cpu.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
-from ragr1_verl.data.io import positive_int
+from ragr1_verl.records import positive_int
 
 logger = logging.getLogger("ragr1-verl-demo")
 
@@ -659,8 +659,7 @@ def _rl_result(run: Run) -> str:
 def _record_prompt(checkpoints: Path, mode: str) -> None:
     """The prompt the stage trained with (the mode's built-in one, as the demo data and recipes use), beside
     its checkpoints, for ragr1-eval's check."""
-    from ragr1_verl.data.prompts import PromptRecord
-    from ragr1_verl.protocol import default_template
+    from ragr1_verl.protocol.prompts import PromptRecord, default_template
 
     PromptRecord(default_template(mode), f"ragr1-verl-demo: the built-in {mode} prompt").write(checkpoints)
 

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP
-from ragr1_verl.data.io import DataError, positive_int, staged_output
-from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -31,7 +29,8 @@ from ragr1_verl.data.questions import (
     sample_questions,
     write_rl_parquet,
 )
-from ragr1_verl.protocol import default_template
+from ragr1_verl.protocol.prompts import PromptRecord, default_template
+from ragr1_verl.records import DataError, positive_int, staged_output
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ragr1_verl.data.io import DataError
+from ragr1_verl.records import DataError
 
 logger = logging.getLogger("ragr1_verl.data")
 

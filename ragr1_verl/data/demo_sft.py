@@ -23,13 +23,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl import protocol
 from ragr1_verl.config import RagR1Config, load_config
 from ragr1_verl.data.questions import demo_questions
 from ragr1_verl.data.teacher.client import Sampling
 from ragr1_verl.data.teacher.runner import RunSettings, generate
 from ragr1_verl.data.teacher.scripted import ScriptedTeacher, searched_queries, token_counter
 from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
+from ragr1_verl.protocol.observation import policy_codec
+from ragr1_verl.protocol.prompts import default_template
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ async def run_scripted(questions: Sequence[Any], config: RagR1Config, out_dir: P
     ``max_tokens_per_turn`` policy tokens and per-query cut of retrieved text (with ``tokenizer``)."""
     codec, count = None, None
     if tokenizer is not None:
-        codec, count = protocol.policy_codec(tokenizer), token_counter(tokenizer)
-    settings = RunSettings(config, config.prompt_template or protocol.default_template(config.mode),
+        codec, count = policy_codec(tokenizer), token_counter(tokenizer)
+    settings = RunSettings(config, config.prompt_template or default_template(config.mode),
                            Sampling(0.0, 1.0, config.max_tokens_per_turn), concurrency, progress=False)
     teacher = ScriptedTeacher(questions, config, count)
     return await generate(questions, settings, None, out_dir, codec=codec, teacher=teacher,

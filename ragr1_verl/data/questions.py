@@ -7,8 +7,8 @@ Two layouts are accepted, told apart by the type of ``golden_answers``:
   splits that string (its reward compares against it whole), so neither do we: ``"2009 and 2010"`` stays one
   answer.
 
-Every parser error is an :class:`~ragr1_verl.data.io.DataError` whose message starts with
-:func:`~ragr1_verl.data.io.where` (file, 1-based row, field).
+Every parser error is an :class:`~ragr1_verl.records.DataError` whose message starts with
+:func:`~ragr1_verl.records.where` (file, 1-based row, field).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.data.io import DataError, where
-from ragr1_verl.protocol import Mode, default_template, normalize_question, render_prompt
+from ragr1_verl.protocol.actions import Mode
+from ragr1_verl.protocol.prompts import default_template, normalize_question, render_prompt
+from ragr1_verl.records import DataError, where
 
 AGENT_NAME = "ragr1_agent"  # what ragr1_verl.agent_loop registers; a literal, so verl is never imported
 ABILITY = "fact-reasoning"  # Search-R1's value; verl only carries it along
@@ -226,7 +227,7 @@ def read_question_file(path: str | os.PathLike[str], *, data_source: str | None 
 
     ``data_source`` defaults to the file's stem; a row's own ``data_source`` wins.
     """
-    from ragr1_verl.data.io import read_records
+    from ragr1_verl.records import read_records
 
     rows = read_records(path)
     return parse_rows(rows, path=path, data_source=data_source or Path(path).stem, split=split, progress=True)

@@ -29,8 +29,6 @@ from ragr1_verl.data.benchmarks import (
     load_benchmark,
     parse_benchmarks,
 )
-from ragr1_verl.data.io import DataError, positive_int, staged_output
-from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -42,6 +40,8 @@ from ragr1_verl.data.questions import (
     sample_questions,
     write_rl_parquet,
 )
+from ragr1_verl.protocol.prompts import PromptRecord
+from ragr1_verl.records import DataError, positive_int, staged_output
 
 logger = logging.getLogger(__name__)
 

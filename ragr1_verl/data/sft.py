@@ -54,10 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl import protocol
 from ragr1_verl.data.benchmarks import download_hub_dataset
-from ragr1_verl.data.io import DataError, read_records, staged_output, where
-from ragr1_verl.data.prompts import SAMPLE_ROWS, PromptRecord, template_from_rows, user_message
+from ragr1_verl.protocol.actions import INFORMATION_OPEN
+from ragr1_verl.protocol.observation import wrap_information
+from ragr1_verl.protocol.prompts import SAMPLE_ROWS, PromptRecord, template_from_rows, user_message
+from ragr1_verl.records import DataError, read_records, staged_output, where
 
 logger = logging.getLogger(__name__)
 
@@ -414,8 +415,8 @@ def _conversation(path: Path, number: int, record: dict[str, Any]) -> tuple[list
     prompt = [{"role": role, "content": content} for role, content in turns[:first]]
     if isinstance(record.get("system"), str) and record["system"]:
         prompt.insert(0, {"role": "system", "content": record["system"]})
-    pieces = [content if role == "assistant" or protocol.INFORMATION_OPEN in content
-              else protocol.wrap_information(content.strip("\n")) for role, content in turns[first:]]
+    pieces = [content if role == "assistant" or INFORMATION_OPEN in content
+              else wrap_information(content.strip("\n")) for role, content in turns[first:]]
     return prompt, "".join(pieces), key
 
 

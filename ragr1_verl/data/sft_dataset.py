@@ -38,8 +38,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ragr1_verl import protocol, verl_compat
-from ragr1_verl.data.io import DataError, where
+from ragr1_verl import verl_compat
+from ragr1_verl.protocol.actions import INFORMATION_CLOSE, INFORMATION_OPEN, parse_action
+from ragr1_verl.protocol.observation import policy_codec, wrap_information
+from ragr1_verl.records import DataError, where
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +114,12 @@ def split_trajectory(text: str) -> Trajectory:
     segments: list[Segment] = []
     rest, position = text, 0
     while True:
-        action = protocol.parse_action(rest)
+        action = parse_action(rest)
         if action.kind == "invalid":
             raise TrajectoryError(f"at character {position}: a model turn without a complete <search> or "
                                   "<answer>")
         model_text = rest[:action.end]
-        if protocol.INFORMATION_OPEN in model_text or protocol.INFORMATION_CLOSE in model_text:
+        if INFORMATION_OPEN in model_text or INFORMATION_CLOSE in model_text:
             raise TrajectoryError(f"at character {position}: an <information> tag inside a model turn (the "
                                   "model must not write retrieved text itself)")
         segments.append(Segment(model_text, _kind(action.kind, segments)))
@@ -143,19 +145,19 @@ def _kind(action: str, previous: Sequence[Segment]) -> SampleKind:
 def _take_observation(rest: str, position: int) -> tuple[str, int]:
     """The observation after a search, in the rollout's form, and how many characters of ``rest`` it used."""
     start = len(rest) - len(rest.lstrip())
-    if not rest.startswith(protocol.INFORMATION_OPEN, start):
+    if not rest.startswith(INFORMATION_OPEN, start):
         raise TrajectoryError(f"at character {position + start}: a search must be followed by "
-                              f"{protocol.INFORMATION_OPEN}")
-    body_start = start + len(protocol.INFORMATION_OPEN)
-    close = rest.find(protocol.INFORMATION_CLOSE, body_start)
+                              f"{INFORMATION_OPEN}")
+    body_start = start + len(INFORMATION_OPEN)
+    close = rest.find(INFORMATION_CLOSE, body_start)
     if close < 0:
-        raise TrajectoryError(f"at character {position + start}: {protocol.INFORMATION_OPEN} is never closed")
+        raise TrajectoryError(f"at character {position + start}: {INFORMATION_OPEN} is never closed")
     body = rest[body_start:close]
     # The wrapper's own newlines, not the body's: re-wrapping restores exactly the rollout's layout.
     body = body.removeprefix("\n").removesuffix("\n")
-    end = close + len(protocol.INFORMATION_CLOSE)
+    end = close + len(INFORMATION_CLOSE)
     end += rest.startswith("\n", end)
-    return protocol.wrap_information(body), end
+    return wrap_information(body), end
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ class RagR1SFTDataset(Dataset):
         self.eos_after_answer = bool(config.get("eos_after_answer", True))
         self.chat_template_kwargs = dict(config.get("apply_chat_template_kwargs", None) or {})
         self.tokenizer = _load_tokenizer(tokenizer)
-        self._codec = protocol.policy_codec(self.tokenizer)
+        self._codec = policy_codec(self.tokenizer)
         if self.eos_after_answer and self.tokenizer.eos_token_id is None:
             raise ValueError("data.eos_after_answer is set but the tokenizer has no EOS token")
         files = [parquet_files] if isinstance(parquet_files, str | os.PathLike) else list(parquet_files)

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP, URL_ENV, load_config
-from ragr1_verl.data.io import DataError, positive_int
-from ragr1_verl.data.prompts import PromptRecord
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -43,7 +41,9 @@ from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
 from ragr1_verl.data.teacher.scripted import ScriptedTeacher, token_counter
 from ragr1_verl.data.teacher.selection import SelectionSettings
 from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
-from ragr1_verl.protocol import Codec, policy_codec
+from ragr1_verl.protocol.observation import Codec, policy_codec
+from ragr1_verl.protocol.prompts import PromptRecord
+from ragr1_verl.records import DataError, positive_int
 
 logger = logging.getLogger(__name__)
 

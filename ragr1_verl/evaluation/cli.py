@@ -27,8 +27,6 @@ from ragr1_verl.config import (
     load_config,
     resolve_prompt_template,
 )
-from ragr1_verl.data.io import DataError, positive_int
-from ragr1_verl.data.prompts import warn_if_untrained_prompt
 from ragr1_verl.evaluation import report
 from ragr1_verl.evaluation.protocols import (
     PROTOCOL_NAMES,
@@ -47,6 +45,8 @@ from ragr1_verl.evaluation.runner import (
     settings_record,
     trainer_config,
 )
+from ragr1_verl.protocol.prompts import warn_if_untrained_prompt
+from ragr1_verl.records import DataError, positive_int
 
 logger = logging.getLogger("ragr1_verl.evaluation")
 

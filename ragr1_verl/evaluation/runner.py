@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl import verl_compat
-from ragr1_verl.data.io import DataError, read_records, where
 from ragr1_verl.evaluation.protocols import PROJECT, PROTOCOLS, EvalProtocol
-from ragr1_verl.protocol import extract_answer
+from ragr1_verl.protocol.actions import extract_answer
+from ragr1_verl.records import DataError, read_records, where
 from ragr1_verl.reward import compute_score, gold_answers, normalize_answer_eval_script
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ragr1_verl.protocol import INFORMATION_CLOSE, INFORMATION_OPEN
+from ragr1_verl.protocol.actions import INFORMATION_CLOSE, INFORMATION_OPEN
 from tests.ragr1_verl.fakes import ScriptedLLM, fake_documents, fake_logprob, scripted
 from tests.ragr1_verl.rollout import compose_trainer_config, run
 

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ragr1_verl.config import ConfigError, load_config, resolve_prompt_template
-from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE
+from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE
 
 
 def test_defaults_follow_the_paper_training_setup():

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from transformers import PythonBackend
 
-from ragr1_verl import protocol
 from ragr1_verl.agent_loop import _TokenizerState, observation_ids
 from ragr1_verl.config import RagR1Config
 from ragr1_verl.data.sft_dataset import RagR1SFTDataset
 from ragr1_verl.data.teacher.client import Sampling
 from ragr1_verl.data.teacher.episode import EpisodeSettings, observation_text
+from ragr1_verl.protocol.observation import document_units, policy_codec
 from tests.ragr1_verl.fakes import CHAT_TEMPLATE
 
 
@@ -90,14 +90,14 @@ def test_rollout_teacher_and_sft_dataset_see_the_same_observation_tokens(tokeniz
     config = RagR1Config(mode=mode, observation_format=fmt, max_obs_tokens_per_query=budget)
     queries = [f"query {n}" for n in range(len(documents))] if mode == "mq" else ["query"]
     documents = documents if mode == "mq" else documents[:1]
-    codec = protocol.policy_codec(tokenizer)
+    codec = policy_codec(tokenizer)
 
     text = observation_text(EpisodeSettings(config, Sampling(0.0, 1.0, 100), codec), queries, documents)
     rollout = observation_ids(_TokenizerState(tokenizer), config, queries, documents)
     assert rollout == codec.encode(text)
     assert sft_observation_ids(tmp_path, tokenizer, text) == rollout
 
-    units = protocol.document_units(documents, mode, fmt)
+    units = document_units(documents, mode, fmt)
     kept = _kept_units(text, mode, fmt, len(units))
     rendered = [json.dumps(unit)[1:-1] if mode == "mq" and fmt == "ragr1" else unit for unit in kept]
     assert all(unit.startswith(kept_unit) for unit, kept_unit in zip(units, kept, strict=True))

@@ -7,28 +7,39 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ragr1_verl import protocol
-from ragr1_verl.protocol import (
-    INVALID_ACTION_REMINDER,
-    MQ_PROMPT_TEMPLATE,
-    SQ_PROMPT_TEMPLATE,
+from ragr1_verl.protocol import actions, observation, prompts
+from ragr1_verl.protocol.actions import (
     STOP_STRINGS,
     Action,
     QueryRules,
+    block_contents,
     clean_queries,
     extract_answer,
+    iter_actions,
     parse_action,
-    render_observation,
-    render_prompt,
-    retrieval_failed,
+    round_outcome,
+    rounds_allowed,
     split_queries,
-    split_title,
+    stop_string_prefix,
     strip_information,
 )
+from ragr1_verl.protocol.observation import (
+    INVALID_ACTION_REMINDER,
+    ObservationRenderer,
+    document_units,
+    policy_codec,
+    render_observation,
+    retrieval_failed,
+    split_title,
+    unit_prefix,
+    wrap_information,
+)
+from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
 
 
-def test_doctests():
-    assert doctest.testmod(protocol).failed == 0
+@pytest.mark.parametrize("module", [actions, observation, prompts])
+def test_doctests(module):
+    assert doctest.testmod(module).failed == 0
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -96,7 +107,7 @@ class WordTokenizer:
 
 
 def test_the_budget_is_per_query_in_tokens_of_the_policy():
-    renderer = protocol.ObservationRenderer(codec=protocol.policy_codec(WordTokenizer()), max_tokens_per_unit=4)
+    renderer = ObservationRenderer(codec=policy_codec(WordTokenizer()), max_tokens_per_unit=4)
     documents = [[{"contents": "one two three four five six"}], [{"contents": "short"}]]
     body = json.loads(renderer.render(["a", "b"], documents)[15:-16])
     assert body["documents"] == ["Doc 1: one two", "Doc 1: short"]  # 4 words: "Doc", "1:", "one", "two"
@@ -104,16 +115,16 @@ def test_the_budget_is_per_query_in_tokens_of_the_policy():
 
 def test_the_budget_counts_json_escapes_as_the_model_sees_them():
     # Each quote is one more character in the observation (\"): the escaped word \"b\" is one word-token.
-    renderer = protocol.ObservationRenderer(codec=protocol.policy_codec(WordTokenizer()), max_tokens_per_unit=3)
+    renderer = ObservationRenderer(codec=policy_codec(WordTokenizer()), max_tokens_per_unit=3)
     body = json.loads(renderer.render(["q"], [[{"contents": 'a "b" c d'}]])[15:-16])
     assert body["documents"] == ['Doc 1: a']
 
 
 def test_sq_mode_cuts_all_documents_as_one_unit():
-    renderer = protocol.ObservationRenderer(mode="sq", codec=protocol.policy_codec(WordTokenizer()),
+    renderer = ObservationRenderer(mode="sq", codec=policy_codec(WordTokenizer()),
                                             max_tokens_per_unit=4)  # words: Doc 1: one two\nDoc 2: ...
     text = renderer.render(["q"], [[{"contents": "one two"}, {"contents": "three four"}]])
-    assert text == protocol.wrap_information("Doc 1: one two\nDoc")
+    assert text == wrap_information("Doc 1: one two\nDoc")
 
 
 def test_split_title():
@@ -172,7 +183,7 @@ def test_fuzzed_turns_always_give_a_defined_action(turn, mode, over_cap):
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.one_of(_PIECES, st.text(max_size=3)), max_size=25))
 def test_fuzzed_token_streams_are_cut_right_after_the_first_stop_string(tokens):
-    keep = protocol.stop_string_prefix(tokens, "".join)
+    keep = stop_string_prefix(tokens, "".join)
     text, kept = "".join(tokens), "".join(tokens[:keep])
     first_stop = min((text.find(stop) + len(stop) for stop in STOP_STRINGS if stop in text), default=None)
     assert 0 <= keep <= len(tokens)
@@ -193,12 +204,12 @@ def test_the_observation_holds_every_unit_and_ragr1_mq_is_json_dumps_byte_for_by
     queries = [query for query, _ in searches] if mode == "mq" else ["q"]
     documents = [[{"contents": text} for text in docs] for _, docs in searches] if mode == "mq" else \
         [[{"contents": text} for _, docs in searches for text in docs]]
-    units = protocol.document_units(documents, mode, fmt)
+    units = document_units(documents, mode, fmt)
     text = render_observation(queries, documents, mode=mode, observation_format=fmt)
 
     if fmt == "ragr1" and mode == "mq":
         body = {"query": queries, "documents": units}
-        assert text == protocol.wrap_information(json.dumps(body, indent=2))
+        assert text == wrap_information(json.dumps(body, indent=2))
     else:
         assert all(unit in text for unit in units)
 
@@ -206,12 +217,12 @@ def test_the_observation_holds_every_unit_and_ragr1_mq_is_json_dumps_byte_for_by
 @settings(max_examples=500, deadline=None)
 @given(_DOC_TEXT, st.integers(min_value=0, max_value=80))
 def test_unit_prefix_is_the_longest_prefix_whose_escaped_form_fits(unit, rendered_chars):
-    prefix = protocol.unit_prefix(unit, rendered_chars, json_escaped=True)
+    prefix = unit_prefix(unit, rendered_chars, json_escaped=True)
     assert unit.startswith(prefix)
     assert len(json.dumps(prefix)) - 2 <= rendered_chars
     if prefix != unit:
         assert len(json.dumps(unit[:len(prefix) + 1])) - 2 > rendered_chars
-    assert protocol.unit_prefix(unit, rendered_chars, json_escaped=False) == unit[:rendered_chars]
+    assert unit_prefix(unit, rendered_chars, json_escaped=False) == unit[:rendered_chars]
 
 
 # Reference semantics: what the protocol's parsers meant before they were made linear (lazy regexes).
@@ -231,8 +242,8 @@ def test_linear_parsers_agree_with_the_lazy_regexes(turn, start):
         assert (action.kind, action.content, action.end) == (match.group(1), match.group(2), match.end())
     answers = _ANSWER_REGEX.findall(strip_information(turn))
     assert extract_answer(turn) == (answers[-1].strip() if answers else None)
-    assert protocol.block_contents(turn, "<information>", "</information>") == _INFORMATION_REGEX.findall(turn)
-    assert [(action.kind, action.content, action.end) for action in protocol.iter_actions(turn)] == [
+    assert block_contents(turn, "<information>", "</information>") == _INFORMATION_REGEX.findall(turn)
+    assert [(action.kind, action.content, action.end) for action in iter_actions(turn)] == [
         (match.group(1), match.group(2), match.end()) for match in _ACTION_REGEX.finditer(turn)]
 
 
@@ -285,7 +296,7 @@ def test_parsers_are_linear_on_hostile_turns(shape):
     def parse_everything(text: str) -> None:
         parse_action(text), extract_answer(text), split_queries(text), strip_information(text)
         count_searches(text), follows_protocol(text)
-        protocol.block_contents(text, "<information>", "</information>")
+        block_contents(text, "<information>", "</information>")
 
     small, large = _UNCLOSED[shape](64 * 1024), _UNCLOSED[shape](256 * 1024)
     ratio = _best_seconds(parse_everything, large) / max(_best_seconds(parse_everything, small), 1e-6)
@@ -304,9 +315,9 @@ def test_parsers_are_linear_on_hostile_turns(shape):
     (Action("invalid"), False, False, "budget"),
 ])
 def test_round_outcome_is_the_rule_of_the_rollout_and_the_teachers(action, ended, can_search, outcome):
-    assert protocol.round_outcome(action, ended, can_search) == outcome
+    assert round_outcome(action, ended, can_search) == outcome
 
 
 def test_rounds_allowed_adds_the_answer_only_round_unless_it_is_off():
-    assert protocol.rounds_allowed(4, final_round=True) == 5
-    assert protocol.rounds_allowed(5, final_round=False) == 5
+    assert rounds_allowed(4, final_round=True) == 5
+    assert rounds_allowed(5, final_round=False) == 5

@@ -24,7 +24,7 @@ import yaml
 import ragr1_verl
 from ragr1_verl import sft_checkpoints
 from ragr1_verl.config import load_config, resolve_prompt_template
-from ragr1_verl.protocol import default_template
+from ragr1_verl.protocol.prompts import default_template
 
 RECIPE_DIR = Path(ragr1_verl.__file__).parent / "recipes" / "recipe"
 PPO_RECIPES = ("ragr1", "ragr1_grpo", "ragr1_sq")

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ragr1_verl import reward
-from ragr1_verl.protocol import INVALID_ACTION_REMINDER, wrap_information
+from ragr1_verl.protocol.observation import INVALID_ACTION_REMINDER, wrap_information
 from ragr1_verl.reward import compute_score, follows_protocol, gold_answers
 
 KEYS = {"score", "acc", "f1", "substring_em", "format_ok", "answered", "searches"}

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from ragr1_verl import protocol
+from ragr1_verl.protocol.actions import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, STOP_STRINGS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _RETRY_STATUSES = frozenset({408, 429})
 _MESSAGE_CHARS = 300
 # SGLang reports the matched stop string as ``matched_stop``, vLLM as ``stop_reason``.
 _STOP_KEYS = ("stop_reason", "matched_stop")
-_TAG_PAIRS = ((protocol.SEARCH_OPEN, protocol.SEARCH_CLOSE), (protocol.ANSWER_OPEN, protocol.ANSWER_CLOSE))
+_TAG_PAIRS = ((SEARCH_OPEN, SEARCH_CLOSE), (ANSWER_OPEN, ANSWER_CLOSE))
 
 
 class TeacherError(RuntimeError):
@@ -133,14 +133,14 @@ def restore_stop(text: str, finish_reason: str, choice: Mapping[str, Any]) -> Co
     closing tag of the last unclosed ``<search>`` or ``<answer>``. A server that already kept the stop
     string (vLLM's ``include_stop_str_in_output``) gets nothing appended.
     """
-    for stop in protocol.STOP_STRINGS:
+    for stop in STOP_STRINGS:
         if text.rstrip().endswith(stop):
             return Completion(text, finish_reason, stop)
     if finish_reason != "stop":
         return Completion(text, finish_reason)
     reported = [choice[key] for key in _STOP_KEYS if key in choice]
     stop = reported[0] if reported else _unclosed_tag(text)
-    if stop in protocol.STOP_STRINGS:
+    if stop in STOP_STRINGS:
         return Completion(text + stop, finish_reason, stop)
     return Completion(text, finish_reason)
 
@@ -259,7 +259,7 @@ class Teacher(OpenAIClient):
     def _body(self, messages: Messages, partial: str, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.settings.model, "max_tokens": sampling.max_tokens,
                                 "temperature": sampling.temperature, "top_p": sampling.top_p,
-                                "stop": list(protocol.STOP_STRINGS)}
+                                "stop": list(STOP_STRINGS)}
         if self.settings.api == "completions":
             body["prompt"] = self._render(messages) + partial
         else:

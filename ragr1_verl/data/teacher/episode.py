@@ -1,7 +1,7 @@
 """One teacher trajectory under the RAG-R1 protocol, on text, with the real retriever.
 
 It follows :class:`ragr1_verl.agent_loop.RagR1AgentLoop` round for round (both decide each round with
-``protocol.round_outcome`` and render observations with ``protocol.ObservationRenderer``), so the SFT data
+``round_outcome`` and render observations with ``ObservationRenderer``), so the SFT data
 shows the student the rollout it will run in RL: each round the teacher writes up to a stop string; an answer
 ends the trajectory; a round the teacher ended on its own without an action ends it too; otherwise a search is
 answered with ``<information>`` (or a reminder after an invalid action) and the next round continues the same
@@ -19,9 +19,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ragr1_verl import protocol
 from ragr1_verl.config import RagR1Config
 from ragr1_verl.data.teacher.client import Completion, Messages, Sampling, Teacher, TeacherRejected
+from ragr1_verl.protocol.actions import (
+    STOP_STRINGS,
+    Action,
+    extract_answer,
+    parse_action,
+    round_outcome,
+    rounds_allowed,
+    split_queries,
+    stop_string_prefix,
+)
+from ragr1_verl.protocol.observation import (
+    INVALID_ACTION_REMINDER,
+    Codec,
+    invalid_search,
+)
 from ragr1_verl.retrieval_client import RetrievalClient
 
 logger = logging.getLogger(__name__)
@@ -42,7 +56,7 @@ class EpisodeSettings:
 
     config: RagR1Config
     sampling: Sampling
-    codec: protocol.Codec | None = None
+    codec: Codec | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ async def run_episode(messages: Messages, settings: EpisodeSettings, teacher: Te
                       retriever: RetrievalClient) -> Episode:
     """Run the teacher on one prompt until it answers, stops, or the rounds run out."""
     text, tally, max_turns = "", _Tally(), settings.config.max_turns
-    rounds = protocol.rounds_allowed(max_turns, settings.config.final_round)
+    rounds = rounds_allowed(max_turns, settings.config.final_round)
     for round_number in range(rounds):
         try:
             completion = await teacher.complete(messages, text, settings.sampling)
@@ -89,9 +103,9 @@ async def run_episode(messages: Messages, settings: EpisodeSettings, teacher: Te
             return _episode(text, tally, round_number, "rejected")
         turn = _trimmed(completion.text)
         text += turn
-        action = protocol.parse_action(turn)
+        action = parse_action(turn)
         ended = action.kind == "invalid" and _ended_on_its_own(completion, turn)
-        outcome = protocol.round_outcome(action, ended, can_search=round_number < max_turns)
+        outcome = round_outcome(action, ended, can_search=round_number < max_turns)
         if outcome == "budget":
             break
         if outcome != "continue":
@@ -103,29 +117,29 @@ async def run_episode(messages: Messages, settings: EpisodeSettings, teacher: Te
 
 
 def _episode(text: str, tally: _Tally, turns: int, finish: Finish) -> Episode:
-    return Episode(text, protocol.extract_answer(text), tally.searches, tally.invalid_actions, turns, finish)
+    return Episode(text, extract_answer(text), tally.searches, tally.invalid_actions, turns, finish)
 
 
 def _trimmed(text: str) -> str:
     """The round's text up to its first stop string, for a server that generated past it (characters as
     tokens: the same rule as the rollout's token-level trim)."""
-    return text[:protocol.stop_string_prefix(list(text), "".join, text=text)]
+    return text[:stop_string_prefix(list(text), "".join, text=text)]
 
 
 def _ended_on_its_own(completion: Completion, turn: str) -> bool:
     """EOS or a stop token, not the token cap nor a stop string (the rollout's ``_ended_turn``)."""
-    return completion.finish_reason != "length" and not turn.rstrip().endswith(protocol.STOP_STRINGS)
+    return completion.finish_reason != "length" and not turn.rstrip().endswith(STOP_STRINGS)
 
 
-async def _observe(action: protocol.Action, settings: EpisodeSettings,
+async def _observe(action: Action, settings: EpisodeSettings,
                    retriever: RetrievalClient) -> _Observation:
     """The text appended after a non-final round: search results, or a reminder of the format."""
     if action.kind != "search":
-        return _Observation(protocol.INVALID_ACTION_REMINDER, invalid=True)
+        return _Observation(INVALID_ACTION_REMINDER, invalid=True)
     config = settings.config
-    queries = protocol.split_queries(action.content, config.query_rules)
+    queries = split_queries(action.content, config.query_rules)
     if queries.error is not None:
-        return _Observation(protocol.invalid_search(queries.error), invalid=True)
+        return _Observation(invalid_search(queries.error), invalid=True)
     result = await retriever.search(queries.queries, config.topk)
     if not result.ok:
         raise RetrievalFailed(f"the retriever at {', '.join(config.retriever.urls)} failed a search "

@@ -20,9 +20,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from ragr1_verl import protocol
 from ragr1_verl.config import RagR1Config
-from ragr1_verl.data.io import DataError, staged_output
 from ragr1_verl.data.questions import Question, hold_out, rl_rows, write_rl_parquet
 from ragr1_verl.data.teacher.client import Completion, Messages, Sampling, Teacher, TeacherSettings
 from ragr1_verl.data.teacher.episode import EpisodeSettings, run_episode
@@ -37,7 +35,9 @@ from ragr1_verl.data.teacher.store import (
     check_manifest,
     write_kept,
 )
-from ragr1_verl.protocol import render_prompt
+from ragr1_verl.protocol.observation import Codec
+from ragr1_verl.protocol.prompts import render_prompt
+from ragr1_verl.records import DataError, staged_output
 from ragr1_verl.retrieval_client import RetrievalClient
 from ragr1_verl.reward import exact_match
 
@@ -109,7 +109,7 @@ class RunSummary:
 
 async def generate(questions: Sequence[Question], settings: RunSettings, teacher_settings: TeacherSettings | None,
                    out_dir: Path, *, render: Callable[[Messages], str] | None = None,
-                   codec: protocol.Codec | None = None, teacher: TeacherLike | None = None,
+                   codec: Codec | None = None, teacher: TeacherLike | None = None,
                    teacher_fields: Mapping[str, Any] | None = None) -> RunSummary:
     """Run the teacher on every question not done yet in ``out_dir``, then rewrite the kept file and, with a
     selection, write the stage-2 RL parquet files.
@@ -157,7 +157,7 @@ def _states(questions: Sequence[Question], logged: list[AttemptSummary]) -> dict
 
 class _Generator:
     def __init__(self, settings: RunSettings, teacher: TeacherLike, retriever: RetrievalClient, log: AttemptLog,
-                 states: dict[str, QuestionState], codec: protocol.Codec | None, summary: RunSummary):
+                 states: dict[str, QuestionState], codec: Codec | None, summary: RunSummary):
         self.settings, self.teacher, self.retriever = settings, teacher, retriever
         self.log, self.states, self.codec, self.summary = log, states, codec, summary
         self.bar: tqdm | None = None

@@ -32,11 +32,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragr1_verl import protocol
 from ragr1_verl.config import RagR1Config
-from ragr1_verl.data.io import DataError
 from ragr1_verl.data.questions import Question
 from ragr1_verl.data.teacher.client import Completion, Messages, Sampling
+from ragr1_verl.protocol.actions import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    SEARCH_CLOSE,
+    SEARCH_OPEN,
+    STOP_STRINGS,
+    block_contents,
+    split_queries,
+)
+from ragr1_verl.records import DataError
 
 Kind = Literal["single-hop", "comparison", "bridge"]
 
@@ -176,8 +184,8 @@ def observation_documents(body: str, config: RagR1Config) -> list[str]:
 def searched_queries(trajectory: str, config: RagR1Config) -> list[tuple[str, ...]]:
     """The queries of each search the model wrote in a trajectory (observations left out)."""
     model_text = _OBSERVATION.sub(" ", trajectory)
-    return [protocol.split_queries(content, config.query_rules).queries for content in
-            protocol.block_contents(model_text, protocol.SEARCH_OPEN, protocol.SEARCH_CLOSE)]
+    return [split_queries(content, config.query_rules).queries for content in
+            block_contents(model_text, SEARCH_OPEN, SEARCH_CLOSE)]
 
 
 def _state(partial: str, config: RagR1Config) -> _State:
@@ -241,7 +249,7 @@ class ScriptedTeacher:
 
 def _completion(turn: str) -> Completion:
     """A turn as a server honouring the stop strings returns it (the stop string kept), or an ended turn."""
-    for stop in protocol.STOP_STRINGS:
+    for stop in STOP_STRINGS:
         if turn.endswith(stop):
             return Completion(turn, "stop", stop)
     return Completion(turn, "stop")
@@ -332,7 +340,7 @@ class _Round:
 
     def _search(self, queries: list[str], think: str) -> str:
         separator = f"{self.config.query_separator} "
-        return f"{_think(think)}\n{protocol.SEARCH_OPEN} {separator.join(queries)} {protocol.SEARCH_CLOSE}"
+        return f"{_think(think)}\n{SEARCH_OPEN} {separator.join(queries)} {SEARCH_CLOSE}"
 
     # -- the thinks
 
@@ -384,7 +392,7 @@ class _Round:
     def _answer_turn(self, answer: str, words: int | None) -> str:
         new = self._new_evidence() or [self.plan.steps[-1].evidence]
         think = f"{self._quotes(new, words)} {_pick(self.plan.id, 'answer', _ANSWER).format(a=answer)}"
-        return f"{_think(think)}\n{protocol.ANSWER_OPEN} {answer} {protocol.ANSWER_CLOSE}"
+        return f"{_think(think)}\n{ANSWER_OPEN} {answer} {ANSWER_CLOSE}"
 
 
 def _question_query(question: str) -> str:

@@ -22,8 +22,8 @@ from numbers import Integral
 from pathlib import Path
 from typing import IO, Any
 
-from ragr1_verl.data.io import DataError, where
 from ragr1_verl.data.sft import TeacherTrajectory
+from ragr1_verl.records import DataError, where
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import pytest
 
 from ragr1_verl import metrics as ragr1_metrics
 from ragr1_verl.cpu.demo import ProcessTree, read_metrics
-from ragr1_verl.protocol import INFORMATION_OPEN, INVALID_ACTION_REMINDER
+from ragr1_verl.protocol.actions import INFORMATION_OPEN
+from ragr1_verl.protocol.observation import INVALID_ACTION_REMINDER
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from ragr1_verl.data.benchmarks import BENCHMARKS, parse_benchmarks, pick_split
-from ragr1_verl.data.io import DataError
 from ragr1_verl.data.questions import demo_questions
+from ragr1_verl.records import DataError
 from tests.ragr1_verl.data.test_rl import (
     CONSOLE_SCRIPT,
     FIXTURES,

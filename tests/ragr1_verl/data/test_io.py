@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragr1_verl.data.io import DataError, read_records, staged_output
+from ragr1_verl.records import DataError, read_records, staged_output
 
 
 @pytest.mark.parametrize("content, message", [

@@ -12,15 +12,17 @@ import pytest
 
 from ragr1_verl.config import ConfigError, resolve_prompt_template
 from ragr1_verl.data.cli import main as data_main
-from ragr1_verl.data.io import DataError
-from ragr1_verl.data.prompts import (
+from ragr1_verl.protocol.prompts import (
+    MQ_PROMPT_TEMPLATE,
     PROMPT_FILE,
+    SQ_PROMPT_TEMPLATE,
     PromptRecord,
+    render_prompt,
     template_from_file,
     template_from_rows,
     warn_if_untrained_prompt,
 )
-from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
+from ragr1_verl.records import DataError
 
 OWN = "Think, then search with <search> q </search>.\nQ: {question}\nA:"
 

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ragr1_verl.data.io import DataError
 from ragr1_verl.data.questions import (
     Question,
     demo_questions,
@@ -23,7 +22,8 @@ from ragr1_verl.data.questions import (
     sample_questions,
     write_rl_parquet,
 )
-from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
+from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
+from ragr1_verl.records import DataError
 from ragr1_verl.reward import compute_score, gold_answers
 
 LOCATION = {"path": "q.jsonl", "number": 7, "data_source": "nq", "split": "train"}

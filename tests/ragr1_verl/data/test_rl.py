@@ -14,7 +14,7 @@ import pytest
 
 from ragr1_verl.data import cli
 from ragr1_verl.data.questions import demo_questions, rl_schema
-from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
+from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE, render_prompt
 from ragr1_verl.reward import compute_score, gold_answers
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ragr1_verl import protocol
 from ragr1_verl.data import cli
 from ragr1_verl.data.demo_sft import cpu_recipe_config, cpu_recipe_section, run_scripted, write_demo_sft_data
 from ragr1_verl.data.questions import demo_questions
 from ragr1_verl.data.teacher.scripted import hop_plan, observation_documents, searched_queries
+from ragr1_verl.protocol.actions import strip_information
 
 OBSERVATION = re.compile(r"\n<information>\n(.*?)\n</information>\n", re.DOTALL)
 THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -131,7 +131,7 @@ def test_every_kept_answer_and_quote_comes_from_the_retrieved_text(run, request)
         plan = hop_plan(next(q for q in questions if q.id == row["id"]))
         for step in plan.steps:
             assert squash(step.evidence) in retrieved  # no answer before every hop's evidence was retrieved
-        thinks = THINK.findall(protocol.strip_information(row["trajectory"]))
+        thinks = THINK.findall(strip_information(row["trajectory"]))
         quoted = [quote.removesuffix(" ...") for think in thinks[1:] for quote in QUOTE.findall(think)]
         assert quoted and all(squash(quote) in retrieved for quote in quoted)
         assert all(len(re.findall(r"[.!?](\s|$)", think)) <= 4 for think in thinks)  # short: a few sentences
@@ -163,7 +163,7 @@ def test_when_the_evidence_is_not_retrieved_it_rephrases_once_and_gives_no_answe
     assert sorted(query for request in retriever.requests for query in request["queries"]) == sorted(searched)
     # the teacher wrote no quote: nothing it read held the evidence
     assert all('"' not in think for row in rows.values()
-               for think in THINK.findall(protocol.strip_information(row["trajectory"])))
+               for think in THINK.findall(strip_information(row["trajectory"])))
 
 
 def test_the_think_wording_varies_between_questions_and_is_deterministic(tmp_path, retriever_url,

@@ -14,9 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ragr1_verl import protocol
-from ragr1_verl.data.io import DataError
 from ragr1_verl.data.sft_dataset import RagR1SFTDataset, SampleKind, TrajectoryError, split_trajectory
+from ragr1_verl.protocol.actions import INFORMATION_OPEN
+from ragr1_verl.protocol.observation import wrap_information
+from ragr1_verl.records import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAJECTORIES = FIXTURES / "sft_trajectories.jsonl"
@@ -85,7 +86,7 @@ def test_mask_covers_exactly_the_model_written_tokens(row, tokenizer, tmp_path):
     model_pieces[-1] += tokenizer.eos_token  # the final answer is followed by a trained EOS
     assert trained == model_pieces
     assert masked == INFORMATION_BLOCK.findall(row["trajectory"])
-    assert all(protocol.INFORMATION_OPEN not in piece for piece in trained)
+    assert all(INFORMATION_OPEN not in piece for piece in trained)
 
 
 def test_the_four_sample_kinds_each_train_their_span_in_the_papers_context(parquet, tokenizer):
@@ -172,7 +173,7 @@ def test_observation_whitespace_is_normalised_to_the_rollouts_wrapper():
     trajectory = split_trajectory(released)
 
     assert [segment.text for segment in trajectory.segments] == [
-        "<think>a</think><search> q </search>", protocol.wrap_information('{"query": ["q"]}'),
+        "<think>a</think><search> q </search>", wrap_information('{"query": ["q"]}'),
         "\n<think>b</think><answer> x </answer>"]
     assert trajectory.answered and trajectory.searches == 1
     assert split_trajectory(trajectory.text) == trajectory  # the normalised text is a fixed point

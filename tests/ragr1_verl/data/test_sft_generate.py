@@ -16,13 +16,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ragr1_verl import protocol
 from ragr1_verl.data import cli
-from ragr1_verl.data.io import DataError
 from ragr1_verl.data.questions import Question, demo_questions, rl_schema, sample_questions
 from ragr1_verl.data.teacher.client import restore_stop
 from ragr1_verl.data.teacher.selection import QuestionState, SelectionSettings, next_attempt, select
 from ragr1_verl.data.teacher.store import AttemptLog, TrajectoryRecord
+from ragr1_verl.protocol.actions import INFORMATION_CLOSE
+from ragr1_verl.protocol.observation import INVALID_ACTION_REMINDER, ObservationRenderer, policy_codec
+from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, normalize_question, render_prompt
+from ragr1_verl.records import DataError
 from tests.loopback import LoopbackJSONServer
 from tests.retriever_server.helpers import post_retrieve
 
@@ -57,7 +59,7 @@ def rounds(*replies: str) -> Play:
 
 
 def _observations(partial: str) -> int:
-    return (partial.count(protocol.INFORMATION_CLOSE) + partial.count("That was neither a search")
+    return (partial.count(INFORMATION_CLOSE) + partial.count("That was neither a search")
             + partial.count("The search was not run"))
 
 
@@ -205,7 +207,7 @@ def test_a_multi_query_search_gets_the_real_passages_in_the_observation_format(b
     out, calls = basic_run
     multi = by_id(read_jsonl(out / ATTEMPTS))["g-multi"]
     documents = post_retrieve(demo_server[0], {"queries": MULTI_QUERIES, "topk": 3}).json()["result"]
-    renderer = protocol.ObservationRenderer(codec=protocol.policy_codec(tokenizer), max_tokens_per_unit=1000)
+    renderer = ObservationRenderer(codec=policy_codec(tokenizer), max_tokens_per_unit=1000)
     observation = renderer.render(MULTI_QUERIES, documents)
     assert multi["trajectory"] == MULTI_ROUNDS[0] + observation + MULTI_ROUNDS[1]
     body = json.loads(observation.strip().removeprefix("<information>").removesuffix("</information>"))
@@ -215,7 +217,7 @@ def test_a_multi_query_search_gets_the_real_passages_in_the_observation_format(b
     assert (multi["answer"], multi["em"], multi["searches"], multi["turns"], multi["finish"]) == (
         "Antananarivo", 1, 1, 2, "answer")
     assert multi["messages"] == [{"role": "user",
-                                  "content": protocol.render_prompt(MULTI_Q, protocol.MQ_PROMPT_TEMPLATE)}]
+                                  "content": render_prompt(MULTI_Q, MQ_PROMPT_TEMPLATE)}]
     # The second round continues the same assistant message: chat template, first round, observation.
     second = next(call for call in calls if call.question == MULTI_Q and call.round == 1)
     rendered = tokenizer.apply_chat_template(multi["messages"], tokenize=False, add_generation_prompt=True)
@@ -234,7 +236,7 @@ def test_every_attempt_is_logged_and_only_exact_matches_are_kept(basic_run):
     assert "invented" not in wrong["trajectory"]
     assert malformed == {**malformed, "answer": None, "finish": "stopped", "turns": 1,
                          "trajectory": "I believe it was King Harold."}
-    assert cut["trajectory"] == ("<think>The fire started in a bakery on" + protocol.INVALID_ACTION_REMINDER
+    assert cut["trajectory"] == ("<think>The fire started in a bakery on" + INVALID_ACTION_REMINDER
                                  + "<think>Pudding Lane.</think><answer>Pudding Lane</answer>")
     assert (attempts["g-direct"]["searches"], attempts["g-direct"]["turns"]) == (0, 1)
 
@@ -471,7 +473,7 @@ def test_restore_stop_puts_back_the_stop_string(text, finish, choice, expected):
 def _selection_script() -> tuple[dict[str, Play], dict[str, str]]:
     """Easy questions answered right at once; one right only on its third re-sample; one never right."""
     rows = read_jsonl(SELECTION_QUESTIONS)
-    questions = {row["id"]: protocol.normalize_question(row["question"]) for row in rows}
+    questions = {row["id"]: normalize_question(row["question"]) for row in rows}
     script: dict[str, Play] = {questions[row["id"]]: rounds(f"<think>Known.</think><answer>{row['golden_answers'][0]}"
                                                            "</answer>") for row in rows}
     script[questions["hard-answerable"]] = lambda call: (
@@ -502,8 +504,8 @@ def test_rl_selection_resamples_the_misses_and_keeps_a_seeded_quarter_of_the_eas
     order = [row["id"] for row in read_jsonl(SELECTION_QUESTIONS)]
     assert [row["extra_info"]["id"] for row in rows] == sorted(["hard-answerable", *easy_kept], key=order.index)
     row = next(row for row in rows if row["extra_info"]["id"] == "hard-answerable")
-    assert row["prompt"] == [{"role": "user", "content": protocol.render_prompt(questions["hard-answerable"],
-                                                                                protocol.MQ_PROMPT_TEMPLATE)}]
+    assert row["prompt"] == [{"role": "user", "content": render_prompt(questions["hard-answerable"],
+                                                                                MQ_PROMPT_TEMPLATE)}]
     assert row["reward_model"] == {"style": "rule", "ground_truth": {"target": ["Angara", "Angara River"]}}
     assert (row["agent_name"], row["extra_info"]["split"]) == ("ragr1_agent", "train")
     assert not (tmp_path / "test.parquet").exists()

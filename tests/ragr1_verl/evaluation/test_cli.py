@@ -270,7 +270,7 @@ def test_the_mode_brings_its_own_instructions_unless_the_data_prompt_is_asked_fo
                                                                                   demo_server):
     from transformers import AutoTokenizer
 
-    from ragr1_verl.protocol import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE
+    from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE
 
     tokenizer, retriever = AutoTokenizer.from_pretrained(tiny_model_dir), f"{demo_server[0]}/retrieve"
     sq_only, mq_only = "write a search query between", "separated by commas"
@@ -305,8 +305,7 @@ def test_a_checkpoint_evaluated_with_another_prompt_than_its_training_one_is_war
     import logging
     import shutil
 
-    from ragr1_verl.data.prompts import PromptRecord
-    from ragr1_verl.protocol import SQ_PROMPT_TEMPLATE
+    from ragr1_verl.protocol.prompts import SQ_PROMPT_TEMPLATE, PromptRecord
 
     checkpoint = tmp_path / "checkpoints" / "global_step_3" / "huggingface"
     shutil.copytree(tiny_model_dir, checkpoint)

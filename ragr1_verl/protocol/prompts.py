@@ -1,10 +1,12 @@
-"""The prompt template a model was trained with: recorded beside data and checkpoints, recovered from data files.
+"""The user message that poses a question, and the template a model was trained with.
 
-A checkpoint answers best to the instruction it was trained on. ``ragr1-data`` writes ``ragr1_prompt.json``
-next to the parquet files it writes (the template, or ``null`` when the rows carry prompts that no single
-template explains, e.g. released rows with several instructions); the launch scripts in ``recipes/`` and
-``ragr1-verl-demo`` put it beside the checkpoints; ``ragr1-eval`` compares the prompt it renders with the one
-recorded beside the model and warns when they differ.
+``MQ_PROMPT_TEMPLATE`` and ``SQ_PROMPT_TEMPLATE`` are the instructions of the paper's two modes (several
+queries per search, one query per search). A checkpoint answers best to the instruction it was trained on:
+``ragr1-data`` writes ``ragr1_prompt.json`` next to the parquet files it writes (the template, or ``null``
+when the rows carry prompts that no single template explains, e.g. released rows with several
+instructions); the launch scripts in ``recipes/`` and ``ragr1-verl-demo`` put it beside the checkpoints;
+``ragr1-eval`` compares the prompt it renders with the one recorded beside the model and warns when they
+differ.
 
 A template is recovered from rows that carry their question (``question`` or ``extra_info.question``: the
 user message with the question replaced by ``{question}``), and otherwise from the common beginning and end
@@ -20,10 +22,47 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ragr1_verl.data.io import DataError, read_records
-from ragr1_verl.protocol import normalize_question
+from ragr1_verl.protocol.actions import Mode
+from ragr1_verl.records import DataError, read_records
 
 logger = logging.getLogger(__name__)
+
+def normalize_question(question: str) -> str:
+    """Strip the question and end it with a question mark, as the paper's data preparation does."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
+
+
+MQ_PROMPT_TEMPLATE = (
+    "Answer the question below. Every time you receive new information, first reason about it inside "
+    "<think> and </think>. If you need knowledge you do not have, search for it: write one or more search "
+    "queries, separated by commas, between <search> and </search>, for example "
+    "<search> first query, second query </search>. You may use up to three queries in one search, and the "
+    "results for each query will come back between <information> and </information>. You can search as many "
+    "times as you need. Once you need nothing more, write the final answer between <answer> and </answer>, "
+    "without explanations, for example <answer> Beijing </answer>. Question: {question}\n"
+)
+
+
+SQ_PROMPT_TEMPLATE = (
+    "Answer the question below. Every time you receive new information, first reason about it inside "
+    "<think> and </think>. If you need knowledge you do not have, search for it: write a search query between "
+    "<search> and </search>, and the results will come back between <information> and </information>. You can "
+    "search as many times as you need. Once you need nothing more, write the final answer between <answer> and "
+    "</answer>, without explanations, for example <answer> Beijing </answer>. Question: {question}\n"
+)
+
+
+def render_prompt(question: str, template: str) -> str:
+    """The user message for a question; the template must contain ``{question}``."""
+    if "{question}" not in template:
+        raise ValueError("a prompt template needs a {question} placeholder")
+    return template.replace("{question}", normalize_question(question))
+
+
+def default_template(mode: Mode) -> str:
+    return MQ_PROMPT_TEMPLATE if mode == "mq" else SQ_PROMPT_TEMPLATE
+
 
 PROMPT_FILE = "ragr1_prompt.json"
 SAMPLE_ROWS = 64  # rows read to recover a template; more only repeat it
