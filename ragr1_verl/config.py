@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from ragr1_verl.protocol.actions import Mode, QueryRules
 from ragr1_verl.protocol.observation import Codec, ObservationFormat, ObservationRenderer
-from ragr1_verl.protocol.prompts import default_template
+from ragr1_verl.protocol.prompts import PROMPT_FILE, PromptRecord, default_template, template_from_file
+from ragr1_verl.records import DataError
 from ragr1_verl.retrieval_client import RetrieverSettings
 
 URL_ENV = "RAGR1_RETRIEVER_URL"
@@ -189,16 +190,13 @@ def resolve_prompt_template(value: str | None, mode: Mode) -> str:
 
 
 def _template_from_data(path: Path) -> str:
-    from ragr1_verl.data import prompts  # data files need pyarrow: imported only for them
-    from ragr1_verl.records import DataError
-
     try:
-        if path.name == prompts.PROMPT_FILE:
-            template = prompts.PromptRecord.read(path).template
+        if path.name == PROMPT_FILE:
+            template = PromptRecord.read(path).template
             if template is None:
                 raise DataError(f"{path}: records no single template (the training rows' prompts differ)")
         else:
-            template = prompts.template_from_file(path)
+            template = template_from_file(path)
     except DataError as err:
         raise ConfigError(f"ragr1.prompt_template: {err}") from None
     if "{question}" not in template:
