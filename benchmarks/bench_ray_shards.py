@@ -53,12 +53,12 @@ def measure(args, bench_args, whole: Path, shards: int, raw_limit: float | None)
     from retriever_server.app import create_app
     from retriever_server.batcher import BatchingConfig
     from retriever_server.http_server import ServingLimits, WaitressServer
-    from retriever_server.ray_serve import RayPlacement
+    from retriever_server.ray_serve import RayDeployer, RayPlacement
     from retriever_server.service import LoadOptions, RetrievalService
 
     folder = whole if shards == 0 else shard_folder(whole, Path(bench_args.workdir), shards)
-    placement = None if shards == 0 else RayPlacement(address=args.ray_address, shard_cpus=args.shard_cpus)
-    service = RetrievalService(folder, LoadOptions(ray=placement, omp_threads=bench_args.omp_threads,
+    deployer = None if shards == 0 else RayDeployer(RayPlacement(address=args.ray_address, shard_cpus=args.shard_cpus))
+    service = RetrievalService(folder, LoadOptions(deployer=deployer, omp_threads=bench_args.omp_threads,
                                                    torch_threads=bench_args.torch_threads),
                                BatchingConfig(max_wait_ms=bench_args.max_wait_ms))
     started = time.perf_counter()

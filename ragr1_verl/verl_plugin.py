@@ -67,7 +67,7 @@ install_training_metrics()
 
 def activate_cpu_backend_if_selected() -> None:
     from ragr1_verl import cpu
-    from ragr1_verl.cpu.assets import register_resolver
+    from ragr1_verl.demo.assets import register_resolver
 
     register_resolver()  # ${ragr1_cpu_demo:...} of the CPU recipes resolves anywhere; it changes nothing else
     try:

@@ -35,5 +35,5 @@ ragr1_run torchrun "${rendezvous[@]}" --nproc_per_node="$GPUS_PER_NODE" -m verl.
 if ragr1_only_config "$@" || [[ "${NODE_RANK:-0}" != 0 ]]; then
     exit 0
 fi
-ragr1_run python -m ragr1_verl.sft_checkpoints "$CKPT_DIR"
+ragr1_run python -m ragr1_verl.sft.checkpoints "$CKPT_DIR"
 ragr1_say "stage 2 starts from $CKPT_DIR/best/huggingface"

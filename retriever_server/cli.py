@@ -19,7 +19,8 @@ import requests
 from retriever_server.app import create_app
 from retriever_server.batcher import BatchingConfig
 from retriever_server.http_server import ServingLimits, WaitressServer
-from retriever_server.service import SEARCH_BACKENDS, LoadOptions, RetrievalService
+from retriever_server.searchers import SEARCH_BACKENDS, LoadOptions
+from retriever_server.service import RetrievalService
 from retriever_server.wire import RequestLimits
 
 logger = logging.getLogger("ragr1-retriever")
@@ -150,25 +151,25 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
                           ef_search=args.ef_search, corpus=args.corpus, verify_checksums=args.verify_checksums,
                           cache_size=args.cache_size, document_cache_mib=args.document_cache_mib,
                           mmap_index=not args.no_mmap, check_memory=not args.skip_memory_check,
-                          reserve_memory_gib=args.reserve_memory_gib, ray=_ray_placement(args))
+                          reserve_memory_gib=args.reserve_memory_gib, deployer=_ray_deployer(args))
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
                               request_timeout_s=args.request_timeout)
     return RetrievalService(index_dir, options, batching)
 
 
-def _ray_placement(args: argparse.Namespace):
+def _ray_deployer(args: argparse.Namespace):
     if not args.ray:
         return None
-    from retriever_server.ray_serve import RayPlacement, prepare_serving_process
+    from retriever_server.ray_serve import RayDeployer, RayPlacement, prepare_serving_process
 
     prepare_serving_process()
 
     try:
-        return RayPlacement(address=args.ray_address, shard_device=args.shard_device,
-                            shard_replicas=args.shard_replicas, shard_cpus=args.shard_cpus,
-                            encoder_replicas=args.encoder_replicas, encoder_device=args.encoder_replica_device,
-                            call_timeout_s=args.shard_timeout, gpu_memory_gib=args.gpu_memory_gib,
-                            reconnect_timeout_s=args.ray_reconnect_timeout)
+        return RayDeployer(RayPlacement(
+            address=args.ray_address, shard_device=args.shard_device, shard_replicas=args.shard_replicas,
+            shard_cpus=args.shard_cpus, encoder_replicas=args.encoder_replicas,
+            encoder_device=args.encoder_replica_device, call_timeout_s=args.shard_timeout,
+            gpu_memory_gib=args.gpu_memory_gib, reconnect_timeout_s=args.ray_reconnect_timeout))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 

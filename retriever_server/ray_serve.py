@@ -27,6 +27,7 @@ come back (at once for its own instance, after ``reconnect_timeout_s`` for a clu
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -44,7 +45,8 @@ from retriever_server.encoders import EncoderSpec
 from retriever_server.manifest import Manifest
 from retriever_server.metrics import ServerMetrics
 from retriever_server.plan import available_memory, leave_free, plan_index, require_placement
-from retriever_server.sharded import Hit, LocalShard, ShardUnavailable
+from retriever_server.searchers import LoadOptions, load_searcher
+from retriever_server.sharded import Hit, LocalShard, ShardDeployment, ShardUnavailable
 from retriever_server.sharding import ShardInfo, read_shards
 
 logger = logging.getLogger(__name__)
@@ -95,8 +97,6 @@ class ShardReplica:
     """One replica of one index shard (the Ray Serve deployment class)."""
 
     def __init__(self, shard_dir: str, info: dict, options: dict):
-        from retriever_server.service import LoadOptions, load_searcher
-
         load = LoadOptions(**options)
         self.shard = LocalShard(Path(shard_dir), ShardInfo(**info),
                                 lambda folder, manifest: load_searcher(folder, manifest, load))
@@ -246,7 +246,7 @@ def _application(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], op
     from ray import serve
 
     # A replica may run on every core of its node; it is given the CPUs Ray reserved for it.
-    load = {**asdict(options), "ray": None, "search_devices": (),
+    load = {**asdict(options), "deployer": None, "search_devices": (),
             "omp_threads": options.omp_threads or max(1, int(placement.shard_cpus))}
     if placement.shard_device == "cuda":
         load["search_backend"] = "torch" if manifest.index["type"] in ("Flat", "IDMap,Flat") else "faiss-gpu"
@@ -625,15 +625,15 @@ def check_memory(index_dir: Path, placement: RayPlacement, batch_queries: int, r
                 len(devices), placement.shard_device)
 
 
-def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options, metrics: ServerMetrics,
-                  on_status=None) -> tuple[list[RayShard], RemoteEncoder | None, DeploymentStatus, str]:
+def deploy_shards(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options, placement: RayPlacement,
+                  metrics: ServerMetrics, on_status=None) -> tuple[list[RayShard], RemoteEncoder | None,
+                                                                    DeploymentStatus, str]:
     """Start (or replace) the application on Ray; returns the shards, the remote encoder (or None), the
     deployments' status, and a description of where they run. ``on_status`` gets the status snapshot
     function as soon as it exists."""
     import ray
     from ray import serve
 
-    placement: RayPlacement = options.ray
     connection = connect(placement, index_dir)
     # The front is waitress: Ray Serve's own HTTP proxies are not started.
     serve.start(proxy_location="Disabled")
@@ -669,3 +669,27 @@ def shutdown(status: DeploymentStatus | None = None) -> None:
     if status is not None:
         status.stop()
     disconnect(before_disconnect=lambda: serve.delete(APP_NAME))
+
+
+@dataclass(frozen=True)
+class RayDeployer:
+    """The shards of a sharded index as Ray Serve deployments (a :class:`~retriever_server.sharded.ShardDeployer`
+    for ``LoadOptions.deployer``). It holds only the placement: the connection is this process's."""
+
+    placement: RayPlacement
+
+    def connection(self) -> RayConnection | None:
+        return current_connection()
+
+    def check_memory(self, index_dir: Path, batch_queries: int, reserve_bytes: int) -> None:
+        check_memory(index_dir, self.placement, batch_queries, reserve_bytes)
+
+    def deploy(self, index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options, metrics: ServerMetrics,
+               on_status, on_lost) -> ShardDeployment:
+        connect(self.placement, index_dir).on_lost = on_lost
+        shards, encoder, status, where = deploy_shards(index_dir, manifest, infos, options, self.placement, metrics,
+                                                       on_status)
+        return ShardDeployment(shards, encoder, status.snapshot, functools.partial(shutdown, status), where)
+
+    def leave(self) -> None:
+        disconnect()

@@ -8,7 +8,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from retriever_server.backends import DenseRetriever, LexicalRetriever, QueryEmbedder, Retriever
@@ -17,11 +16,7 @@ from retriever_server.bm25 import Bm25Searcher
 from retriever_server.corpus import CORPUS_NAME, Corpus
 from retriever_server.cpus import log_thread_counts, usable_cpus
 from retriever_server.dense import (
-    EXACT_INDEX_TYPES,
-    FaissSearcher,
-    TorchExactSearcher,
     cuda_devices,
-    faiss_gpu_available,
 )
 from retriever_server.encoders import EncoderSpec, TextEncoder
 from retriever_server.manifest import (
@@ -43,34 +38,11 @@ from retriever_server.plan import (
     require_placement,
 )
 from retriever_server.responses import DocumentJson, render_body
+from retriever_server.searchers import LoadOptions, load_searcher, search_backend
 from retriever_server.sharded import LocalShard, ShardedCorpus, ShardedRetriever
 from retriever_server.sharding import read_shards
 
 logger = logging.getLogger(__name__)
-SEARCH_BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load an index (CLI flags of ``ragr1-retriever serve`` with the same names)."""
-
-    encoder: str | None = None  # default: the encoder named in the manifest
-    encoder_device: str = "auto"
-    encoder_batch_size: int = 128
-    search_backend: str = "auto"
-    search_devices: tuple[str, ...] = ()  # torch backend; default: every visible GPU
-    omp_threads: int = 0  # 0: the CPUs this process may use (affinity and cgroup quota, see cpus.py)
-    torch_threads: int = 0  # 0: the same
-    nprobe: int | None = None
-    ef_search: int | None = None
-    corpus: str | None = None  # default: corpus.arrow in the index folder
-    verify_checksums: bool = False
-    cache_size: int = 100_000
-    document_cache_mib: float = 64.0  # JSON text of recently returned documents (responses.py)
-    mmap_index: bool = True  # faiss codes memory-mapped from the index file rather than read into memory
-    check_memory: bool = True  # refuse, before loading, an index whose plan does not fit (see plan.py)
-    reserve_memory_gib: float = 0.0  # memory on each device to keep free for other processes
-    ray: object = None  # a retriever_server.ray_serve.RayPlacement: serve a sharded index's shards on Ray
 
 
 class RetrievalService:
@@ -108,11 +80,7 @@ class RetrievalService:
         return f"the index is not ready ({self.state})"
 
     def _ray_connection(self):
-        if self.options.ray is None:
-            return None
-        from retriever_server import ray_serve
-
-        return ray_serve.current_connection()
+        return self.options.deployer.connection() if self.options.deployer is not None else None
 
     def _ray_lost(self, problem: str) -> None:
         """The connection to Ray cannot come back: the service fails (``/retrieve`` answers 503 with the
@@ -120,9 +88,7 @@ class RetrievalService:
         if self.state == "failed":
             return
         self.state, self.error = "failed", problem
-        from retriever_server import ray_serve
-
-        ray_serve.disconnect()
+        self.options.deployer.leave()
         if self._on_failure is not None:
             self._on_failure(ConnectionError(problem))
 
@@ -174,10 +140,8 @@ class RetrievalService:
             return
         reserve = int(self.options.reserve_memory_gib * GIB)
         batch = self.batching.max_batch_queries
-        if self.options.ray is not None:
-            from retriever_server import ray_serve
-
-            ray_serve.check_memory(self.index_dir, self.options.ray, batch, reserve)
+        if self.options.deployer is not None:
+            self.options.deployer.check_memory(self.index_dir, batch, reserve)
             return
         backend = search_backend(manifest, self.options)
         devices = list(self.options.search_devices) or cuda_devices()
@@ -216,14 +180,12 @@ class RetrievalService:
         infos = read_shards(self.index_dir)
         dense = manifest.index["kind"] == "dense"
         status = on_close = encoder = None
-        if self.options.ray is not None:
-            from retriever_server import ray_serve
-
-            ray_serve.connect(self.options.ray, self.index_dir).on_lost = self._ray_lost
-            shards, encoder, deployments, where = ray_serve.deploy_shards(
+        if self.options.deployer is not None:
+            deployment = self.options.deployer.deploy(
                 self.index_dir, manifest, infos, self.options, self.metrics,
-                on_status=lambda snapshot: setattr(self, "_loading_status", snapshot))
-            status, on_close = deployments.snapshot, functools.partial(ray_serve.shutdown, deployments)
+                on_status=lambda snapshot: setattr(self, "_loading_status", snapshot), on_lost=self._ray_lost)
+            shards, encoder, where = deployment.shards, deployment.encoder, deployment.where
+            status, on_close = deployment.status, deployment.close
             if encoder is not None:
                 check_encoder(manifest, encoder.spec.name, encoder.fingerprint,
                               encoder.encode_queries([PROBE_SENTENCE])[0])
@@ -279,45 +241,13 @@ class RetrievalService:
             close = getattr(self.batcher.retriever, "close", None)
             if close is not None:
                 close()
-        if self.options.ray is not None:  # also when stopped while loading: Ray's processes end with us
-            from retriever_server import ray_serve
-
-            ray_serve.disconnect()
+        if self.options.deployer is not None:  # also when stopped while loading: Ray's processes end with us
+            self.options.deployer.leave()
 
 
 def _shard_status(retriever) -> dict[str, str] | None:
     status = getattr(retriever, "status", None)
     return status() if callable(status) else None
-
-
-def search_backend(manifest: Manifest, options: LoadOptions) -> str:
-    """What searches an (unsharded) index folder in this process: "bm25", "torch", "faiss-gpu" or "faiss"."""
-    if manifest.kind == "bm25":
-        return "bm25"
-    if options.search_backend != "auto":
-        return options.search_backend
-    if manifest.index["type"] in EXACT_INDEX_TYPES and cuda_devices():
-        return "torch"
-    return "faiss-gpu" if faiss_gpu_available() else "faiss"
-
-
-def load_searcher(index_dir: Path, manifest: Manifest, options: LoadOptions):
-    """The searcher of one (unsharded) index folder, on the backend the options choose."""
-    backend = search_backend(manifest, options)
-    if backend == "bm25":
-        return Bm25Searcher(index_dir, manifest.index)
-    exact = manifest.index["type"] in EXACT_INDEX_TYPES
-    if backend == "torch":
-        if not exact:
-            raise ManifestError(f"the torch backend does exact search; this index is {manifest.index['type']}")
-        devices = list(options.search_devices) or cuda_devices() or ["cpu"]
-        return TorchExactSearcher.load(index_dir, devices)
-    if backend == "faiss-gpu" and not faiss_gpu_available():
-        raise ManifestError("--search-backend faiss-gpu needs faiss-gpu and a visible GPU")
-    omp_threads = options.omp_threads or usable_cpus()
-    return FaissSearcher.load(index_dir, use_gpu=backend == "faiss-gpu", mmap=options.mmap_index,
-                              omp_threads=omp_threads,
-                              nprobe=options.nprobe, ef_search=options.ef_search)
 
 
 def _set_thread_counts(options: LoadOptions) -> dict[str, int]:

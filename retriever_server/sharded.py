@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -178,3 +178,34 @@ class ShardedRetriever:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._on_close is not None:
             self._on_close()
+
+
+@dataclass(frozen=True)
+class ShardDeployment:
+    """A sharded index's shards served outside this process, as a :class:`ShardDeployer` started them."""
+
+    shards: list[Shard]
+    encoder: Any  # a query encoder served beside them (``encode_queries``, ``spec``, ``fingerprint``), or None
+    status: Callable[[], dict[str, str]]  # each deployment's state, for /health
+    close: Callable[[], None]  # removes the deployments and leaves their cluster
+    where: str  # where they run, for /health and the log
+
+
+class ShardDeployer(Protocol):
+    """What serves shards outside this process (:class:`retriever_server.ray_serve.RayDeployer`), passed in
+    through the load options so that the service never imports a cluster framework."""
+
+    def connection(self) -> Any:
+        """The live connection (``problem()``: why it cannot serve now, or None; ``describe()``), or None."""
+
+    def check_memory(self, index_dir: Path, batch_queries: int, reserve_bytes: int) -> None:
+        """Raise ``PlacementError`` before any deployment when the shard replicas do not fit."""
+
+    def deploy(self, index_dir: Path, manifest: Manifest, infos: list[ShardInfo], options: Any,
+               metrics: ServerMetrics, on_status: Callable[[Callable[[], dict[str, str]]], None],
+               on_lost: Callable[[str], None]) -> ShardDeployment:
+        """Start the shards (``on_status`` gets the status function as soon as it exists; ``on_lost`` is told
+        when the connection cannot come back)."""
+
+    def leave(self) -> None:
+        """Leave the cluster (a no-op when not connected)."""

@@ -86,7 +86,7 @@ def test_the_wheel_holds_the_recipes_worker_yamls_and_demo_corpus(names):
     assert "ragr1_verl/recipes/__init__.py" in names  # pkg://ragr1_verl.recipes needs an importable package
     assert {"ragr1_verl/configs/agent_loop.yaml", "ragr1_verl/configs/tool_config.yaml"} <= names
     assert {"retriever_server/demo/corpus.jsonl", "retriever_server/demo/questions.jsonl"} <= names
-    assert "ragr1_verl/sft_checkpoints.py" in names
+    assert "ragr1_verl/sft/checkpoints.py" in names
 
 
 def test_hydra_plugins_stays_a_namespace_package(names):

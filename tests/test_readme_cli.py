@@ -58,9 +58,9 @@ def _table_flags(table_text: str) -> set[str]:
     return {flag for cell in first_cells for flag in re.findall(r"--[a-z0-9-]+", cell)}
 
 
-@pytest.mark.parametrize(("command", "module"), [("ragr1-verl-demo", "ragr1_verl.cpu.demo"),
-                                               ("python -m ragr1_verl.sft_checkpoints CHECKPOINT_DIR",
-                                                "ragr1_verl.sft_checkpoints")])
+@pytest.mark.parametrize(("command", "module"), [("ragr1-verl-demo", "ragr1_verl.demo.cli"),
+                                               ("python -m ragr1_verl.sft.checkpoints CHECKPOINT_DIR",
+                                                "ragr1_verl.sft.checkpoints")])
 def test_hand_written_tables_name_exactly_the_parsers_flags(command, module):
     parser = importlib.import_module(module).make_parser()
     assert command in PAGE_TABLES, f"no ## `{command}` table in {CLI_PAGE.relative_to(ROOT)}"

@@ -2,8 +2,8 @@
 
 verl 0.9 needs three things it does not ship to train on CPU: a platform whose device is ``cpu`` (gloo for
 collectives), FSDP engines registered for that device, and a rollout that generates without vLLM or SGLang.
-This package supplies them (:mod:`.platform`, :mod:`.patches`, :mod:`.rollout`), plus the ``+recipe=ragr1_cpu``
-assets (:mod:`.assets`) and the ``ragr1-verl-demo`` launcher (:mod:`.demo`).
+This package supplies them (:mod:`.platform`, :mod:`.patches`, :mod:`.rollout`). The ``+recipe=ragr1_cpu``
+defaults (model, data) and the ``ragr1-verl-demo`` launcher live in :mod:`ragr1_verl.demo`.
 
 Selection. Nothing here is active unless chosen, so a GPU user importing the plugin gets verl untouched:
 
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 SELECT_ENV = "RAGR1_CPU_BACKEND"
 RECIPE_PREFIXES = ("ragr1_cpu", "ragr1_sft_cpu")  # main_ppo's CPU recipes and sft_trainer's
-ROLLOUT_NAME = "hf_cpu"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -63,15 +62,13 @@ def activate() -> None:
         return
     verl_compat.check_verl_version()
     from ragr1_verl.cpu import patches
-    from ragr1_verl.cpu.assets import register_resolver
     from ragr1_verl.cpu.platform import install_platform
 
     os.environ[SELECT_ENV] = "1"  # Ray processes started from here inherit it
     install_platform()
     patches.install()
-    register_resolver()
     _active = True
-    logger.info("ragr1 CPU backend active: verl runs on the cpu device with the %s rollout", ROLLOUT_NAME)
+    logger.info("ragr1 CPU backend active: verl runs on the cpu device with the %s rollout", patches.ROLLOUT_NAME)
 
 
 def activate_if_selected() -> bool:

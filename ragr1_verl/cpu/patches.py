@@ -1,7 +1,7 @@
 """Registrations and the few patches verl 0.9 needs to train on the ``cpu`` device.
 
 Public registries first: the FSDP engines are registered for ``cpu`` (verl registers them for ``cuda`` and
-``npu`` only) and the rollout replica under :data:`~ragr1_verl.cpu.ROLLOUT_NAME`. Where verl has no hook, a
+``npu`` only) and the rollout replica under :data:`ROLLOUT_NAME`. Where verl has no hook, a
 small patch, each applied only by :func:`install` (CPU backend selected) and each checking first that the
 code it changes still looks as it does in verl 0.9.x, raising :class:`VerlInternalsChanged` otherwise:
 
@@ -22,11 +22,11 @@ from types import ModuleType
 from typing import Any
 
 from ragr1_verl import verl_compat
-from ragr1_verl.cpu import ROLLOUT_NAME
 from ragr1_verl.verl_compat import after_import
 
 logger = logging.getLogger(__name__)
 
+ROLLOUT_NAME = "hf_cpu"  # the rollout.name the CPU recipes choose
 ADAPTER_PATH = "ragr1_verl.cpu.rollout.CPUServerAdapter"
 CPU_BACKEND = "cpu:gloo"
 

@@ -299,7 +299,7 @@ def _convert(path: Path, records: list[dict[str, Any]], convert: Callable[..., S
 
 def _checked(path: Path, number: int, text: str, field_name: str, options: _Options, tally: Tally) -> Any:
     """The trajectory cut into segments, or None when it breaks the protocol and ``--skip-invalid`` is set."""
-    from ragr1_verl.data.sft_dataset import TrajectoryError, split_trajectory
+    from ragr1_verl.sft.dataset import TrajectoryError, split_trajectory
 
     try:
         return split_trajectory(text)
@@ -323,7 +323,7 @@ def parse_teacher(path: Path, number: int, record: dict[str, Any]) -> TeacherTra
             raise DataError(f"{where(path, number, name)}: expected {expected}, got {record[name]!r:.80}")
         return record[name]
 
-    from ragr1_verl.data.sft_dataset import prompt_messages
+    from ragr1_verl.sft.dataset import prompt_messages
 
     messages = prompt_messages(get("messages", lambda v: prompt_messages(v) is not None,
                                    "a non-empty list of {role, content} messages"))

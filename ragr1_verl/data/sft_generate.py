@@ -29,18 +29,18 @@ from ragr1_verl.data.questions import (
     resolve_template,
     sample_questions,
 )
-from ragr1_verl.data.teacher.client import (
+from ragr1_verl.data.teacher.episode import RetrievalFailed
+from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
+from ragr1_verl.data.teacher.scripted import ScriptedTeacher, token_counter
+from ragr1_verl.data.teacher.selection import SelectionSettings
+from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
+from ragr1_verl.openai_client import (
     Messages,
     Sampling,
     TeacherError,
     TeacherSettings,
     template_renderer,
 )
-from ragr1_verl.data.teacher.episode import RetrievalFailed
-from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
-from ragr1_verl.data.teacher.scripted import ScriptedTeacher, token_counter
-from ragr1_verl.data.teacher.selection import SelectionSettings
-from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
 from ragr1_verl.protocol.observation import Codec, policy_codec
 from ragr1_verl.protocol.prompts import PromptRecord
 from ragr1_verl.records import DataError, positive_int

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ragr1_verl.data.teacher.client import OpenAIClient, TeacherError, TeacherSettings, restore_stop
+from ragr1_verl.openai_client import OpenAIClient, TeacherError, TeacherSettings, restore_stop
 from ragr1_verl.verl_compat import TokenOutput
 
 logger = logging.getLogger(__name__)

@@ -215,7 +215,7 @@ def _write_run_file(out: Path, identity: dict[str, Any]) -> None:
 def resolve_model(name_or_path: str) -> Path | str:
     """A model folder or hub name; ``smollm2`` is the offline SmolLM2-135M-Instruct, converted once."""
     if name_or_path == SMOLLM2:
-        from ragr1_verl.cpu.assets import ensure_demo_model
+        from ragr1_verl.demo.assets import ensure_demo_model
 
         return ensure_demo_model()
     return Path(name_or_path) if Path(name_or_path).is_dir() else name_or_path  # else a hub name
@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ragr1_verl.evaluation.demo import demo_data, demo_retriever
+    from ragr1_verl.demo.retriever import demo_data, demo_retriever
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.data = [str(demo_data(args.out))]

@@ -16,10 +16,10 @@ from transformers import PythonBackend
 
 from ragr1_verl.agent_loop import _TokenizerState, observation_ids
 from ragr1_verl.config import RagR1Config
-from ragr1_verl.data.sft_dataset import RagR1SFTDataset
-from ragr1_verl.data.teacher.client import Sampling
 from ragr1_verl.data.teacher.episode import EpisodeSettings, observation_text
+from ragr1_verl.openai_client import Sampling
 from ragr1_verl.protocol.observation import document_units, policy_codec
+from ragr1_verl.sft.dataset import RagR1SFTDataset
 from tests.ragr1_verl.fakes import CHAT_TEMPLATE
 
 

@@ -4,7 +4,7 @@
 ``sft_trainer``: found by the search-path plugin from any directory, the paper's values in place, CLI
 overrides win, verl's own config validation and dataclasses accept the result, and every path handed to
 verl's workers resolves from a directory that is not the repository. Also: stage 1's selection of the
-checkpoint with the lowest validation loss (``ragr1_verl.sft_checkpoints``), on logs written by verl's own
+checkpoint with the lowest validation loss (``ragr1_verl.sft.checkpoints``), on logs written by verl's own
 file logger.
 """
 
@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 import ragr1_verl
-from ragr1_verl import sft_checkpoints
 from ragr1_verl.config import load_config, resolve_prompt_template
 from ragr1_verl.protocol.prompts import default_template
+from ragr1_verl.sft import checkpoints as sft_checkpoints
 
 RECIPE_DIR = Path(ragr1_verl.__file__).parent / "recipes" / "recipe"
 PPO_RECIPES = ("ragr1", "ragr1_grpo", "ragr1_sq")
@@ -270,7 +270,7 @@ def installed_file(module: str, cwd: Path) -> Path:
 def test_the_sft_recipe_dataset_class_loads_from_another_directory(resolved_paths):
     found = resolved_paths["ragr1_sft"]
     assert set(found) == {"data.custom_cls.path"}
-    assert found["data.custom_cls.path"].startswith("ragr1_verl.data.sft_dataset.RagR1SFTDataset @ "), found
+    assert found["data.custom_cls.path"].startswith("ragr1_verl.sft.dataset.RagR1SFTDataset @ "), found
 
 
 def test_the_sft_recipe_dataset_class_is_a_torch_dataset():
@@ -307,7 +307,7 @@ def test_sft_recipe_is_found_by_sft_trainer_and_sets_the_papers_values(sft_job):
     assert sft_job["model"]["lora_rank"] == 0  # paper: full-parameter
     assert trainer["total_epochs"] == 5  # paper
     assert data["max_length"] == 8192 + 2048  # paper: input 8192 + output 2048
-    assert data["custom_cls"] == {"path": "pkg://ragr1_verl.data.sft_dataset", "name": "RagR1SFTDataset"}
+    assert data["custom_cls"] == {"path": "pkg://ragr1_verl.sft.dataset", "name": "RagR1SFTDataset"}
     # Keeping the lowest validation loss: validate and save every epoch, keep all, log val/loss to a file.
     assert (trainer["test_freq"], trainer["save_freq"]) == ("after_each_epoch", "after_each_epoch")
     assert trainer["max_ckpt_to_keep"] is None and "file" in trainer["logger"]

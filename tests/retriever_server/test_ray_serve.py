@@ -53,9 +53,11 @@ def _alive_actors(cluster) -> list:
 
 
 def _placement(cluster, **overrides):
-    from retriever_server.ray_serve import RayPlacement
+    """The shards on this cluster, as ``ragr1-retriever serve --ray`` deploys them."""
+    from retriever_server.ray_serve import RayDeployer, RayPlacement
 
-    return RayPlacement(address=cluster.address, **{"shard_cpus": 1.0, "call_timeout_s": 10.0, **overrides})
+    return RayDeployer(RayPlacement(address=cluster.address,
+                                    **{"shard_cpus": 1.0, "call_timeout_s": 10.0, **overrides}))
 
 
 def _ranking(service: RetrievalService) -> tuple[list[list[str]], list[list[float]]]:
@@ -93,7 +95,7 @@ def test_sharded_results_equal_the_single_process_server(cluster, reference, dem
                                                          tmp_path, kind, num_shards):
     sharded = shard_index(demo_index if kind == "dense" else demo_bm25_index, tmp_path / "sharded", num_shards)
     assert len(sharded.shards) == num_shards
-    service = RetrievalService(tmp_path / "sharded", LoadOptions(ray=_placement(cluster)), BatchingConfig())
+    service = RetrievalService(tmp_path / "sharded", LoadOptions(deployer=_placement(cluster)), BatchingConfig())
     service.load()
     try:
         assert set(service.health()["shards"]) >= {f"shard-{n}" for n in range(num_shards)}
@@ -109,7 +111,7 @@ def test_sharded_results_equal_the_single_process_server(cluster, reference, dem
 def ray_server(cluster, demo_bm25_index, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray-index") / "sharded"
     shard_index(demo_bm25_index, folder, 2)
-    with serving(folder, options=LoadOptions(ray=_placement(cluster, call_timeout_s=5.0))) as (url, service):
+    with serving(folder, options=LoadOptions(deployer=_placement(cluster, call_timeout_s=5.0))) as (url, service):
         yield url, service
 
 
@@ -187,9 +189,9 @@ def test_a_placement_that_does_not_fit_is_refused_before_any_deployment(cluster,
 
     shard_index(demo_index, tmp_path / "dense", 2)
     shard_index(demo_bm25_index, tmp_path / "bm25", 2)
-    cases = [("dense", LoadOptions(ray=_placement(cluster, shard_device="cuda", gpu_memory_gib=80.0)),
+    cases = [("dense", LoadOptions(deployer=_placement(cluster, shard_device="cuda", gpu_memory_gib=80.0)),
               "no cuda device to place 2 shard"),  # this cluster has no GPU
-             ("bm25", LoadOptions(ray=_placement(cluster, shard_replicas=2), reserve_memory_gib=1e6),
+             ("bm25", LoadOptions(deployer=_placement(cluster, shard_replicas=2), reserve_memory_gib=1e6),
               r"shard \d needs .* on cpu but the most free on any device is 0 B")]
     for folder, options, reason in cases:
         before = {actor.actor_id for actor in _alive_actors(cluster)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ragr1_verl.config import RagR1Config
-from ragr1_verl.data.teacher.client import Completion, Messages, Sampling, Teacher, TeacherRejected
+from ragr1_verl.openai_client import Completion, Messages, Sampling, Teacher, TeacherRejected
 from ragr1_verl.protocol.actions import (
     STOP_STRINGS,
     Action,

@@ -3,7 +3,7 @@
 The queue starts with every attempt the log does not hold yet, first attempts before re-samples; a worker that
 finishes a missed question's attempt queues its next re-sample (see
 :func:`~ragr1_verl.data.teacher.selection.next_attempt`), so re-samples of different questions run side by side.
-The first worker to hit a :class:`~ragr1_verl.data.teacher.client.TeacherError` or
+The first worker to hit a :class:`~ragr1_verl.openai_client.TeacherError` or
 :class:`~ragr1_verl.data.teacher.episode.RetrievalFailed` stops the run: the trajectories in flight are lost,
 every finished one is in the log, and the same command resumes.
 """
@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from ragr1_verl.config import RagR1Config
 from ragr1_verl.data.questions import Question, hold_out, rl_rows, write_rl_parquet
-from ragr1_verl.data.teacher.client import Completion, Messages, Sampling, Teacher, TeacherSettings
 from ragr1_verl.data.teacher.episode import EpisodeSettings, run_episode
 from ragr1_verl.data.teacher.selection import QuestionState, SelectionSettings, next_attempt, select
 from ragr1_verl.data.teacher.store import (
@@ -35,6 +34,7 @@ from ragr1_verl.data.teacher.store import (
     check_manifest,
     write_kept,
 )
+from ragr1_verl.openai_client import Completion, Messages, Sampling, Teacher, TeacherSettings
 from ragr1_verl.protocol.observation import Codec
 from ragr1_verl.protocol.prompts import render_prompt
 from ragr1_verl.records import DataError, staged_output

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from ragr1_verl.config import RagR1Config
 from ragr1_verl.data.questions import Question
-from ragr1_verl.data.teacher.client import Completion, Messages, Sampling
+from ragr1_verl.openai_client import Completion, Messages, Sampling
 from ragr1_verl.protocol.actions import (
     ANSWER_CLOSE,
     ANSWER_OPEN,

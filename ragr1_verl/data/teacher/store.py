@@ -168,7 +168,7 @@ def _exact_first_attempt(row: dict[str, Any] | None, ids: Collection[str]) -> bo
 def _segmentable(trajectory: Any) -> bool:
     """Whether ``ragr1-data sft`` can cut the trajectory into samples (its own check, so the two agree)."""
     # Imported here: the module imports torch, which only this check needs.
-    from ragr1_verl.data.sft_dataset import TrajectoryError, split_trajectory
+    from ragr1_verl.sft.dataset import TrajectoryError, split_trajectory
 
     if not isinstance(trajectory, str):
         return False

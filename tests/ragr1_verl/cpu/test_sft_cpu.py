@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from ragr1_verl import sft_checkpoints
-from ragr1_verl.cpu import assets, patches
+from ragr1_verl.cpu import patches
+from ragr1_verl.demo import assets
+from ragr1_verl.sft import checkpoints as sft_checkpoints
 
 FIXTURE_TRAJECTORIES = Path(__file__).parents[1] / "data" / "fixtures" / "sft_trajectories.jsonl"
 SFT_TIMEOUT_S = 420
@@ -115,21 +116,23 @@ def test_demo_sft_data_comes_in_mq_and_sq_only():
 def test_the_demo_sft_data_is_cached_per_mode_and_rebuilt_when_its_inputs_change(monkeypatch, tmp_path):
     """The cache decision of ``assets``: the builder is a recorder here (the real scripted teacher, which
     takes a minute, is run by ``tests/ragr1_verl/data/test_scripted_teacher.py``)."""
-    import ragr1_verl.data
+    import ragr1_verl.demo
 
     calls = []
 
-    def write_demo_sft_data(out_dir: Path, mode: str = "mq"):
+    def write_demo_sft_data(out_dir: Path, model: Path, mode: str = "mq"):
+        assert model == tmp_path / "model"
         calls.append(mode)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in ("train", "val"):
             (out_dir / f"{name}.parquet").write_text(f"{mode} {name}")
         return out_dir / "train.parquet", out_dir / "val.parquet"
 
-    monkeypatch.setitem(sys.modules, "ragr1_verl.data.demo_sft", SimpleNamespace(
+    monkeypatch.setitem(sys.modules, "ragr1_verl.demo.sft_data", SimpleNamespace(
         write_demo_sft_data=write_demo_sft_data))
-    monkeypatch.setattr(ragr1_verl.data, "demo_sft", sys.modules["ragr1_verl.data.demo_sft"], raising=False)
+    monkeypatch.setattr(ragr1_verl.demo, "sft_data", sys.modules["ragr1_verl.demo.sft_data"], raising=False)
     monkeypatch.setattr(assets, "assets_root", lambda: tmp_path)
+    monkeypatch.setattr(assets, "ensure_demo_model", lambda: tmp_path / "model")
     first = assets.resolve("sft_sq_val_files")
     assert assets.resolve("sft_sq_val_files") == first and Path(first).read_text() == "sq val"
     assert Path(assets.resolve("sft_train_files")).read_text() == "mq train"
@@ -256,7 +259,7 @@ def test_the_best_checkpoint_is_the_lowest_validation_loss_and_main_ppo_trains_f
     from tests.ragr1_verl.cpu.test_main_ppo_cpu import run_main_ppo
 
     val_loss = _logged(sft_run, "val/loss")
-    result = subprocess.run([sys.executable, "-m", "ragr1_verl.sft_checkpoints", str(sft_run),
+    result = subprocess.run([sys.executable, "-m", "ragr1_verl.sft.checkpoints", str(sft_run),
                              "--print-model-path"], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     model_path = Path(result.stdout.strip())

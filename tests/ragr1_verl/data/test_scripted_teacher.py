@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ragr1_verl.data import cli
-from ragr1_verl.data.demo_sft import cpu_recipe_config, cpu_recipe_section, run_scripted, write_demo_sft_data
 from ragr1_verl.data.questions import demo_questions
 from ragr1_verl.data.teacher.scripted import hop_plan, observation_documents, searched_queries
+from ragr1_verl.demo.sft_data import cpu_recipe_config, cpu_recipe_section, run_scripted, write_demo_sft_data
 from ragr1_verl.protocol.actions import strip_information
 
 OBSERVATION = re.compile(r"\n<information>\n(.*?)\n</information>\n", re.DOTALL)
@@ -25,7 +25,7 @@ PER_KIND = 3  # questions of each kind the loopback tests play
 
 @pytest.fixture(scope="module")
 def policy_dir() -> Path:
-    from ragr1_verl.cpu.assets import ensure_demo_model
+    from ragr1_verl.demo.assets import ensure_demo_model
 
     try:
         return ensure_demo_model()
@@ -202,7 +202,7 @@ def test_sft_rows_of_scripted_trajectories_have_the_agent_loops_tokens_and_masks
 
     from omegaconf import OmegaConf
 
-    from ragr1_verl.data.sft_dataset import RagR1SFTDataset, split_trajectory
+    from ragr1_verl.sft.dataset import RagR1SFTDataset, split_trajectory
     from tests.ragr1_verl.fakes import ScriptedLLM, scripted
     from tests.ragr1_verl.rollout import compose_trainer_config, run
 
@@ -242,8 +242,8 @@ def test_every_dev_question_is_answered_from_the_retrieved_text_in_mq_mode(tmp_p
 
 # -- the demo SFT files ------------------------------------------------------------------------------------------
 
-def test_write_demo_sft_data_writes_train_and_val_from_their_parts_only(tmp_path):
-    train_path, val_path = write_demo_sft_data(tmp_path / "sft", mode="mq")
+def test_write_demo_sft_data_writes_train_and_val_from_their_parts_only(policy_dir, tmp_path):
+    train_path, val_path = write_demo_sft_data(tmp_path / "sft", policy_dir, mode="mq")
     assert (train_path, val_path) == (tmp_path / "sft" / "train.parquet", tmp_path / "sft" / "val.parquet")
     train = pq.read_table(train_path).to_pylist()
     val = pq.read_table(val_path).to_pylist()

@@ -14,7 +14,7 @@ import pytest
 
 from ragr1_verl.data import cli
 from ragr1_verl.data.sft import ORIGIN_GENERATED, ORIGIN_RELEASED, parquet_schema
-from ragr1_verl.data.sft_dataset import RagR1SFTDataset
+from ragr1_verl.sft.dataset import RagR1SFTDataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAJECTORIES = FIXTURES / "sft_trajectories.jsonl"

@@ -18,9 +18,9 @@ import pytest
 
 from ragr1_verl.data import cli
 from ragr1_verl.data.questions import Question, demo_questions, rl_schema, sample_questions
-from ragr1_verl.data.teacher.client import restore_stop
 from ragr1_verl.data.teacher.selection import QuestionState, SelectionSettings, next_attempt, select
 from ragr1_verl.data.teacher.store import AttemptLog, TrajectoryRecord
+from ragr1_verl.openai_client import restore_stop
 from ragr1_verl.protocol.actions import INFORMATION_CLOSE
 from ragr1_verl.protocol.observation import INVALID_ACTION_REMINDER, ObservationRenderer, policy_codec
 from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, normalize_question, render_prompt

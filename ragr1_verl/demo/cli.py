@@ -1,7 +1,7 @@
 """``ragr1-verl-demo``: both stages of RAG-R1 on this machine's CPU, then the models compared, with one command.
 
 It starts the demo retriever (the bundled corpus, its index built and cached on first use), prepares the
-default model and data (:mod:`ragr1_verl.cpu.assets`), and runs the real tools, each in its own process:
+default model and data (:mod:`ragr1_verl.demo.assets`), and runs the real tools, each in its own process:
 
 1. stage 1, format-learning SFT: ``torchrun -m verl.trainer.sft_trainer +recipe=ragr1_sft_cpu`` on the
    offline teacher's trajectories; the checkpoint with the lowest validation loss is kept;
@@ -14,7 +14,7 @@ default model and data (:mod:`ragr1_verl.cpu.assets`), and runs the real tools, 
 does not know are Hydra overrides for ``main_ppo``; ``--sft-override`` passes them to the SFT trainer. The
 retriever and every process a trainer started (Ray included) are stopped however the run ends.
 
-``--preset`` (:mod:`ragr1_verl.cpu.presets`) chooses what the stages train with: ``quick`` (the default, the
+``--preset`` (:mod:`ragr1_verl.demo.presets`) chooses what the stages train with: ``quick`` (the default, the
 short demo) or ``full``; explicit flags and overrides win over the preset's values. RL goes to
 ``rl-seed<N>/`` (``--seed N``), so that another seed in the same ``--run-dir`` adds to the run. Given the
 folder of an earlier run, a stage whose output is complete is skipped (:func:`stage_done`) and an incomplete
@@ -42,10 +42,10 @@ from typing import Any
 
 from ragr1_verl import verl_compat
 from ragr1_verl.config import CHOICES
-from ragr1_verl.cpu import demo_report as report
-from ragr1_verl.cpu.demo_report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
-from ragr1_verl.cpu.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides
-from ragr1_verl.cpu.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
+from ragr1_verl.demo import report
+from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides
+from ragr1_verl.demo.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
+from ragr1_verl.demo.report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
 from ragr1_verl.records import positive_int
 
 logger = logging.getLogger("ragr1-verl-demo")
@@ -272,7 +272,7 @@ def finished_rl(stage_folder: Path) -> Path | None:
     """The final actor of a finished RL stage folder (``rl-seed<N>``), or None: its Hugging Face folder holds
     weights and verl's ``latest_checkpointed_iteration.txt``, written once the checkpoint is saved, names its
     step (with ``save_freq`` past the last step, verl saves the final step only)."""
-    from ragr1_verl.sft_checkpoints import has_hf_weights
+    from ragr1_verl.sft.checkpoints import has_hf_weights
 
     checkpoints = stage_folder / "checkpoints"
     try:
@@ -307,7 +307,7 @@ def stage_done(run: Run, stage: str) -> bool:
     (the kept model), ``rl`` (this seed's final actor) or ``eval/<label>`` (every held-out question of
     ``run.eval_ids`` evaluated with that label's model). Reads files only; runs nothing."""
     if stage == "sft":
-        from ragr1_verl.sft_checkpoints import has_hf_weights
+        from ragr1_verl.sft.checkpoints import has_hf_weights
 
         return has_hf_weights(sft_output(run.folder).parent)
     if stage == "rl":
@@ -381,7 +381,7 @@ def code_version() -> dict[str, Any]:
 
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         # tracked, not merely inside a checkout (a virtual environment may live in one)
-        if git("ls-files", "--error-unmatch", "cpu/demo.py").returncode == 0:
+        if git("ls-files", "--error-unmatch", "demo/cli.py").returncode == 0:
             commit = git("rev-parse", "HEAD")
             if commit.returncode == 0:
                 dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
@@ -474,7 +474,7 @@ def _budget(seconds: float, minutes: int | None) -> str:
 
 def _base_model(run: Run) -> Path:
     """The starting model: ``--model``, a ``model.path`` override, or SmolLM2 converted once into the cache."""
-    from ragr1_verl.cpu import assets
+    from ragr1_verl.demo import assets
 
     for item in run.overrides:
         if item.startswith("actor_rollout_ref.model.path="):
@@ -529,7 +529,7 @@ def sft_command(run: Run, checkpoints: Path) -> list[str]:
 
 
 def _sft_stage(run: Run) -> str:
-    from ragr1_verl.sft_checkpoints import mark_best, select_best
+    from ragr1_verl.sft.checkpoints import mark_best, select_best
 
     checkpoints, metrics = run.path("sft", "checkpoints"), run.path("sft", "metrics.jsonl")
     command = sft_command(run, checkpoints)
@@ -550,7 +550,7 @@ def _sft_stage(run: Run) -> str:
 
 def _sft_result(checkpoints: Path) -> str:
     """The kept step and its validation loss, from ``best.json``."""
-    from ragr1_verl.sft_checkpoints import SUMMARY_NAME, VAL_LOSS_KEY
+    from ragr1_verl.sft.checkpoints import SUMMARY_NAME, VAL_LOSS_KEY
 
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         best = json.loads((checkpoints / SUMMARY_NAME).read_text(encoding="utf-8"))
@@ -614,7 +614,7 @@ def rl_command(run: Run, start_model: Path) -> list[str]:
 
 
 def _rl_stage(run: Run) -> str:
-    from ragr1_verl.cpu import assets
+    from ragr1_verl.demo import assets
 
     start = run.models.get("sft", run.models["base"])
     label = run.rl_label
@@ -719,7 +719,7 @@ def _eval_stage(run: Run) -> None:
     """Every model of the run (those of earlier seeds in the same folder too), one after the other; a model
     whose evaluation is complete is not evaluated again, and an incomplete one starts again (``--overwrite``:
     ragr1-eval resumes only with the same retriever address, and the demo retriever's port changes)."""
-    from ragr1_verl.cpu import assets
+    from ragr1_verl.demo import assets
     from ragr1_verl.evaluation.report import read_results
     from ragr1_verl.evaluation.runner import load_questions
 

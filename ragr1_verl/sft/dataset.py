@@ -17,7 +17,7 @@ is the sum of the four sample kinds' losses without repeating the shared prefixe
 
 Use it with verl's SFT trainer (``python -m verl.trainer.sft_trainer``)::
 
-    data.custom_cls.path=pkg://ragr1_verl.data.sft_dataset data.custom_cls.name=RagR1SFTDataset
+    data.custom_cls.path=pkg://ragr1_verl.sft.dataset data.custom_cls.name=RagR1SFTDataset
 
 Parquet columns read (``ragr1-data sft`` writes them): ``prompt`` (chat messages; ``data.prompt_key``) and
 ``trajectory`` (the assistant text, observations included; ``data.trajectory_key``). The ``data.*`` settings

@@ -25,10 +25,10 @@ from typing import Any
 
 from ragr1_verl.config import RagR1Config, load_config
 from ragr1_verl.data.questions import demo_questions
-from ragr1_verl.data.teacher.client import Sampling
 from ragr1_verl.data.teacher.runner import RunSettings, generate
 from ragr1_verl.data.teacher.scripted import ScriptedTeacher, searched_queries, token_counter
 from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
+from ragr1_verl.openai_client import Sampling
 from ragr1_verl.protocol.observation import policy_codec
 from ragr1_verl.protocol.prompts import default_template
 
@@ -63,7 +63,7 @@ def cpu_recipe_config(mode: str = "mq", retriever_url: str | None = None) -> Rag
     return load_config(section, environ={})
 
 
-def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
+def write_demo_sft_data(out_dir: Path, model: Path, mode: str = "mq") -> tuple[Path, Path]:
     """``out_dir/train.parquet`` (the train-part questions) and ``out_dir/val.parquet`` (the validation dev
     questions, ``part="val"``) of the scripted teacher's exact-match trajectories, as ``ragr1-data sft``
     writes them; returns both paths.
@@ -73,13 +73,12 @@ def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
     """
     from transformers import AutoTokenizer
 
-    from ragr1_verl.cpu.assets import ensure_demo_model
     from retriever_server.demo import ensure_demo_index
     from retriever_server.http_server import serving
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model())
+    tokenizer = AutoTokenizer.from_pretrained(model)
     summary: dict[str, Any] = {"mode": mode}
     kept_files = {}
     with serving(ensure_demo_index("dense")) as (url, _service):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ragr1_verl.cpu import demo, presets
-from ragr1_verl.cpu import demo_report as report
+from ragr1_verl.demo import cli as demo
+from ragr1_verl.demo import presets, report
 
 QUICK_RL_BATCH_BEFORE_PRESETS = (  # the demo's RL batch before presets existed: quick must keep it
     "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
@@ -215,7 +215,7 @@ class FakeTools:
 
 @pytest.fixture
 def tools(monkeypatch, tmp_path):
-    from ragr1_verl.cpu import assets
+    from ragr1_verl.demo import assets
     from ragr1_verl.evaluation import runner
 
     if not hasattr(report, "format_rl_row_with_history"):  # another change adds them; until then, a shim

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ragr1_verl.cpu import demo_report as report
+from ragr1_verl.demo import report
 
 QUESTIONS = [f"question {i}?" for i in range(12)]
 TYPES = {q: ("bridge" if i % 2 else "comparison") for i, q in enumerate(QUESTIONS)}

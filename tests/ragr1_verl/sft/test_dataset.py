@@ -14,16 +14,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ragr1_verl.data.sft_dataset import RagR1SFTDataset, SampleKind, TrajectoryError, split_trajectory
 from ragr1_verl.protocol.actions import INFORMATION_OPEN
 from ragr1_verl.protocol.observation import wrap_information
 from ragr1_verl.records import DataError
+from ragr1_verl.sft.dataset import RagR1SFTDataset, SampleKind, TrajectoryError, split_trajectory
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAJECTORIES = FIXTURES / "sft_trajectories.jsonl"
 # The rollout's observation wrapper, written out here as an oracle independent of the code under test.
 INFORMATION_BLOCK = re.compile(r"\n<information>\n.*?\n</information>\n", re.DOTALL)
-CUSTOM_CLS = ["data.custom_cls.path=pkg://ragr1_verl.data.sft_dataset",
+CUSTOM_CLS = ["data.custom_cls.path=pkg://ragr1_verl.sft.dataset",
               "data.custom_cls.name=RagR1SFTDataset"]
 
 

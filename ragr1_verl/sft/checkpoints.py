@@ -10,10 +10,10 @@ and points ``<checkpoint folder>/best`` at it (a relative symlink, or a copy wit
 next to it says which step, which loss, and lists every candidate. Stage 2 then starts from
 ``<checkpoint folder>/best/huggingface``.
 
-    python -m ragr1_verl.sft_checkpoints CHECKPOINT_DIR [--log FILE ...] [--copy] [--print-model-path]
+    python -m ragr1_verl.sft.checkpoints CHECKPOINT_DIR [--log FILE ...] [--copy] [--print-model-path]
 
 ``--print-model-path`` prints just the best checkpoint's Hugging Face model folder on stdout (the report goes
-to stderr), for ``actor_rollout_ref.model.path=$(python -m ragr1_verl.sft_checkpoints CKPT --print-model-path)``.
+to stderr), for ``actor_rollout_ref.model.path=$(python -m ragr1_verl.sft.checkpoints CKPT --print-model-path)``.
 
 Without ``--log``, every ``*.jsonl`` file directly inside CHECKPOINT_DIR is read, oldest first. verl's file
 logger truncates its file when it starts, so give each (resumed) run its own file, e.g.
@@ -210,7 +210,7 @@ def _remove(path: Path) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ragr1_verl.sft_checkpoints",
+        prog="python -m ragr1_verl.sft.checkpoints",
         description="Link the SFT checkpoint with the lowest validation loss as CHECKPOINT_DIR/best.")
     parser.add_argument("checkpoint_dir", help="the SFT run's trainer.default_local_dir")
     parser.add_argument("--log", action="append", default=None, metavar="FILE",

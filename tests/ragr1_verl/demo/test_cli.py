@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ragr1_verl.cpu import demo
-from ragr1_verl.cpu import demo_report as report
+from ragr1_verl.demo import cli as demo
+from ragr1_verl.demo import report
 
 
 def _run(tmp_path, argv=(), overrides=()):

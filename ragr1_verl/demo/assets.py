@@ -8,7 +8,7 @@
   training-time validation uses) and ``test.parquet`` (the held-out questions, for evaluation), with
   ``dev.parquet`` beside them (all 78 dev questions, for choosing settings with ``ragr1-eval``);
 - the SFT data (stage 1): demo teacher trajectories from an offline scripted teacher over the same questions
-  (:func:`ragr1_verl.data.demo_sft.write_demo_sft_data`), ``train.parquet`` and ``val.parquet`` as
+  (:func:`ragr1_verl.demo.sft_data.write_demo_sft_data`), ``train.parquet`` and ``val.parquet`` as
   ``ragr1-data sft`` writes them, in an ``mq`` and an ``sq`` folder.
 
 The recipes write ``${ragr1_cpu_demo:<name>}`` (see :data:`ASSETS`): the resolver (registered in every
@@ -38,8 +38,9 @@ SFT_DIR_NAME = "demo-sft-v2"  # bump when the files change; a fingerprint of the
 SFT_INPUTS = (  # (package, file) whose bytes decide the demo SFT data: a change rebuilds it
     ("retriever_server", "demo/questions.jsonl"), ("retriever_server", "demo/corpus.jsonl"),
     ("ragr1_verl", "recipes/recipe/ragr1.yaml"), ("ragr1_verl", "recipes/recipe/ragr1_cpu.yaml"),
-    ("ragr1_verl", "data/demo_sft.py"), ("ragr1_verl", "data/teacher/scripted.py"),
-    ("ragr1_verl", "data/teacher/runner.py"), ("ragr1_verl", "data/sft.py"), ("ragr1_verl", "protocol.py"),
+    ("ragr1_verl", "demo/sft_data.py"), ("ragr1_verl", "data/teacher/scripted.py"),
+    ("ragr1_verl", "data/teacher/runner.py"), ("ragr1_verl", "data/sft.py"), ("ragr1_verl", "protocol/actions.py"),
+    ("ragr1_verl", "protocol/observation.py"), ("ragr1_verl", "protocol/prompts.py"),
 )
 SFT_MODES = ("mq", "sq")
 ASSETS = {  # ${ragr1_cpu_demo:<name>} -> what it is
@@ -187,9 +188,9 @@ def sft_inputs_fingerprint() -> str:
 
 def write_demo_sft_data(out_dir: Path, mode: str = "mq") -> tuple[Path, Path]:
     """The offline teacher's trajectories over the demo questions (imported here: it is only needed once)."""
-    from ragr1_verl.data import demo_sft
+    from ragr1_verl.demo import sft_data as demo_sft
 
-    return demo_sft.write_demo_sft_data(out_dir, mode=mode)
+    return demo_sft.write_demo_sft_data(out_dir, ensure_demo_model(), mode=mode)
 
 
 # -- resolver --------------------------------------------------------------------------------------------
