@@ -19,7 +19,7 @@ from ragr1_verl.protocol.observation import wrap_information
 from ragr1_verl.records import DataError
 from ragr1_verl.sft.dataset import RagR1SFTDataset, SampleKind, TrajectoryError, split_trajectory
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
 TRAJECTORIES = FIXTURES / "sft_trajectories.jsonl"
 # The rollout's observation wrapper, written out here as an oracle independent of the code under test.
 INFORMATION_BLOCK = re.compile(r"\n<information>\n.*?\n</information>\n", re.DOTALL)
