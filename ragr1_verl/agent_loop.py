@@ -37,7 +37,7 @@ from ragr1_verl.protocol.observation import (
     retrieval_failed,
 )
 from ragr1_verl.protocol.prompts import render_prompt
-from ragr1_verl.retrieval_client import shared_client
+from ragr1_verl.retrieval_client import DEFAULT_RETRIEVER_URL, shared_client
 from ragr1_verl.verl_compat import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register_agent_loop
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def config_for(trainer_config: Any) -> tuple[RagR1Config, str | None]:
         raise ConfigError(
             "the ragr1_agent loop found no 'ragr1' section in the trainer config. Launch with +recipe=ragr1 "
             "(if `--info defaults` does not list recipe/ragr1, ragr1-verl is not installed in this environment), "
-            "or add the section yourself, e.g. +ragr1.retriever.url=http://127.0.0.1:8000/retrieve")
+            f"or add the section yourself, e.g. +ragr1.retriever.url={DEFAULT_RETRIEVER_URL}")
     config = load_config(section)
     template = resolve_prompt_template(config.prompt_template, config.mode) if config.prompt_template else None
     _CONFIGS[id(trainer_config)] = (trainer_config, config, template)

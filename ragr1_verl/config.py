@@ -8,21 +8,18 @@ its tool YAML ``config:``. Every key, its default and the paper's value are list
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ragr1_verl.environment import RETRIEVER_TOKEN, RETRIEVER_URL
 from ragr1_verl.protocol.actions import Mode, QueryRules
 from ragr1_verl.protocol.observation import Codec, ObservationFormat, ObservationRenderer
 from ragr1_verl.protocol.prompts import PROMPT_FILE, PromptRecord, default_template, template_from_file
 from ragr1_verl.records import DataError
-from ragr1_verl.retrieval_client import RetrieverSettings
-
-URL_ENV = "RAGR1_RETRIEVER_URL"
-TOKEN_ENV = "RAGR1_RETRIEVER_TOKEN"
-DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000/retrieve"
+from ragr1_verl.retrieval_client import DEFAULT_RETRIEVER_URL, RetrieverSettings
+from ragr1_verl.settings import NOT_IN_PAPER, SettingDoc, documented, setting
 
 
 class ConfigError(ValueError):
@@ -34,18 +31,38 @@ class RagR1Config:
     """The parsed ``ragr1:`` section. Defaults follow the paper's training setup."""
 
     retriever: RetrieverSettings = field(default_factory=lambda: RetrieverSettings(urls=(DEFAULT_RETRIEVER_URL,)))
-    topk: int = 3
-    mode: Mode = "mq"
-    max_turns: int = 4
-    final_round: bool = True
-    max_queries_per_search: int = 3
-    over_query_cap: Literal["truncate", "invalid"] = "truncate"
-    query_separator: str = ","
-    observation_format: ObservationFormat = "ragr1"
-    max_obs_tokens_per_query: int = 1000
-    max_tokens_per_turn: int = 500
-    prompt_template: str | None = None
-    stop_strings: bool = True
+    topk: int = setting(3, paper=3, help="documents per query")
+    mode: Mode = setting("mq", paper="`mq` (`sq` ablation)",
+                         help="`mq`: several queries per search, separated by `query_separator`; `sq`: the whole "
+                              "`<search>` content is one query")
+    max_turns: int = setting(4, paper="4 (train), 5 (eval)",
+                             help="rounds in which a search is run; one last round follows (`final_round`)")
+    final_round: bool = setting(
+        True, paper="true (train), false (eval)",
+        help="after `max_turns` searches, one more round that can only answer; false: the trajectory ends with "
+             "the last search's results, as the original evaluation script stops")
+    max_queries_per_search: int = setting(3, paper="3 (prompt only; the code has no cap)",
+                                          help="queries kept from one search")
+    over_query_cap: Literal["truncate", "invalid"] = setting(
+        "truncate", help="past the cap: keep the first ones (`truncate`) or reject the search (`invalid`)")
+    query_separator: str = setting(",", paper="`,`", help="separator between queries in `<search>` (a JSON list "
+                                                          "of strings is accepted too)")
+    observation_format: ObservationFormat = setting(
+        "ragr1", paper="`ragr1`", help="`ragr1`: JSON `{\"query\", \"documents\"}`, indent 2, ASCII-escaped; "
+                                       "`search_r1`: `Doc i (Title: t) text` lines")
+    max_obs_tokens_per_query: int = setting(
+        1000, paper=1000,
+        help="each query's documents are cut to this many policy tokens (in `sq` mode, all documents together). "
+             "The tokens are counted as the model sees them, inside the observation: in the `ragr1` format that "
+             "is after JSON escaping, while the original code counted before escaping, so text with many "
+             "escaped characters (`\\n`, quotes, non-ASCII as `\\uXXXX`) is cut slightly earlier.")
+    max_tokens_per_turn: int = setting(500, paper=500, help="token cap of one generation round")
+    prompt_template: str | None = setting(
+        None, paper="(their prompt)",
+        help="null: use the dataset's prompt as is. Otherwise `mq`, `sq`, a template string with `{question}`, "
+             "or a file: the last user message is re-rendered from `extra_info.question`.")
+    stop_strings: bool = setting(True, paper="no (their code generates up to 500 tokens, then cuts)",
+                                 help="send `</search>` and `</answer>` as stop strings")
 
     @property
     def query_rules(self) -> QueryRules:
@@ -61,11 +78,21 @@ CHOICES = {  # the allowed values of each ragr1 key that has a fixed set; CLIs t
     "over_query_cap": ("truncate", "invalid"),
     "observation_format": ("ragr1", "search_r1"),
 }
+IGNORED_KEYS = {  # accepted beside the settings and otherwise ignored
+    "enabled": "a marker the recipes set; accepted and otherwise ignored",
+    "type": "verl's tool YAML requires `type: native` in the same mapping; accepted and otherwise ignored",
+}
 _POSITIVE = {"topk", "max_queries_per_search", "max_obs_tokens_per_query", "max_tokens_per_turn"}
 _RETRIEVER_KEYS = {f.name for f in fields(RetrieverSettings)} - {"urls"} | {"url"}
 
 
-def load_config(section: Mapping[str, Any] | None, *, environ: Mapping[str, str] = os.environ) -> RagR1Config:
+def reference_rows() -> list[SettingDoc]:
+    """Every key of the section, as the configuration reference lists it (generated from the fields)."""
+    return [*documented(RetrieverSettings, "retriever."), *documented(RagR1Config),
+            *(SettingDoc(key, "(unset)", NOT_IN_PAPER, meaning) for key, meaning in IGNORED_KEYS.items())]
+
+
+def load_config(section: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None) -> RagR1Config:
     """Parse a ``ragr1`` section (a dict or an OmegaConf node; None means all defaults).
 
     An explicit retriever ``url`` or ``token`` wins. Where the section has none (or null),
@@ -75,12 +102,12 @@ def load_config(section: Mapping[str, Any] | None, *, environ: Mapping[str, str]
     """
     values = _to_dict(section)
     known = {f.name for f in fields(RagR1Config)}
-    unknown = sorted(set(values) - known - {"enabled", "type"})
+    unknown = sorted(set(values) - known - set(IGNORED_KEYS))
     if unknown:
         raise ConfigError(f"unknown ragr1 setting(s) {unknown}; valid keys: {sorted(known)}")
     retriever = _retriever_settings(values.pop("retriever", None) or {}, environ)
-    values.pop("enabled", None)
-    values.pop("type", None)  # verl's tool YAML requires `type: native` in the same mapping
+    for ignored in IGNORED_KEYS:
+        values.pop(ignored, None)
     config = RagR1Config(retriever=retriever)
     for name, value in values.items():
         config = replace(config, **{name: _checked(name, value, getattr(config, name))})
@@ -126,8 +153,8 @@ def _retriever_settings(section: Mapping[str, Any], environ: Mapping[str, str]) 
     if unknown:
         raise ConfigError(f"unknown ragr1.retriever setting(s) {unknown}; valid keys: {sorted(_RETRIEVER_KEYS)}")
     url, token = section.pop("url", None), section.pop("token", None)
-    urls = _urls(url if url not in (None, "") else environ.get(URL_ENV) or DEFAULT_RETRIEVER_URL)
-    token = token if token not in (None, "") else environ.get(TOKEN_ENV) or None
+    urls = _urls(url if url not in (None, "") else RETRIEVER_URL.value(environ) or DEFAULT_RETRIEVER_URL)
+    token = token if token not in (None, "") else RETRIEVER_TOKEN.value(environ)
     defaults = RetrieverSettings(urls=urls)
     for name, value in section.items():
         default = getattr(defaults, name)

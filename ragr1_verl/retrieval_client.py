@@ -39,12 +39,15 @@ from urllib.parse import urljoin
 
 import aiohttp
 
+from ragr1_verl.settings import setting
+
 logger = logging.getLogger(__name__)
 
 # Statuses that depend on what was asked, so a coalesced request refused with one of them is re-sent caller
 # by caller. Auth and routing errors (401, 403, 404, ...) would fail every caller again.
 _CONTENT_ERRORS = frozenset({400, 413, 414, 422})
 _MESSAGE_CHARS = 300
+DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000/retrieve"  # ragr1-retriever serve's default
 
 
 @dataclass(frozen=True)
@@ -55,20 +58,37 @@ class RetrieverSettings:
     one fails. A single string or a list is accepted and stored as a tuple, so settings stay hashable.
     """
 
-    urls: tuple[str, ...]
-    token: str | None = None
-    timeout_s: float = 30.0
-    connect_timeout_s: float = 2.0
-    probe_after_s: float = 2.0
-    probe_timeout_s: float = 2.0
-    breaker_cooldown_s: float = 1.0
-    breaker_max_cooldown_s: float = 30.0
-    max_retries: int = 3
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 8.0
-    max_concurrent_requests: int = 16
-    coalesce_window_ms: float = 2.0
-    max_queries_per_request: int = 512
+    urls: tuple[str, ...] = setting(
+        key="url", shown_default=DEFAULT_RETRIEVER_URL, paper="same",
+        help="one URL, a list, or a comma-separated string; tried in order on failure; a bare `http://host:port` "
+             "gets `/retrieve`. Precedence: the command line (`ragr1.retriever.url=...`), then env "
+             "`RAGR1_RETRIEVER_URL` (the recipes read it with `${oc.env:...}`), then this default.")
+    token: str | None = setting(
+        None, help="bearer token (`--auth-token` of `ragr1-retriever serve`). Same precedence, with env "
+                   "`RAGR1_RETRIEVER_TOKEN`.")
+    timeout_s: float = setting(30.0, help="timeout of one HTTP attempt")
+    connect_timeout_s: float = setting(2.0, help="timeout of the TCP connect alone")
+    probe_after_s: float = setting(
+        2.0, help="an attempt without an answer after this many seconds sends `GET /health` to that server")
+    probe_timeout_s: float = setting(
+        2.0, help="no answer to that probe within this many seconds means the server is dead or blackholed "
+                  "(accepts, never answers): the attempt is abandoned and retried on the next URL")
+    breaker_cooldown_s: float = setting(
+        1.0, help="a URL that failed (no connection, timeout, 5xx, failed probe) is skipped while another URL "
+                  "is healthy, for a cooldown that doubles with each consecutive failure; a success resets it. "
+                  "`RetrievalClient.url_health()` reports attempts, failures, breaker state and last error per "
+                  "URL")
+    breaker_max_cooldown_s: float = setting(30.0, help="the longest that cooldown grows")
+    max_retries: int = setting(
+        3, help="retries on connection errors, timeouts, 5xx and 429, with exponential backoff and full jitter")
+    backoff_base_s: float = setting(0.5, help="backoff: a uniform draw from 0 to min(max, base·2^retry)")
+    backoff_max_s: float = setting(8.0, help="the backoff's cap")
+    max_concurrent_requests: int = setting(16, help="HTTP requests in flight per rollout worker")
+    coalesce_window_ms: float = setting(
+        2.0, help="searches of concurrent trajectories arriving within this window share one HTTP request "
+                  "(0: only those in the same event-loop step)")
+    max_queries_per_request: int = setting(
+        512, help="larger coalesced batches are split (the server's `--max-queries-per-request`)")
 
     def __post_init__(self):
         urls = (self.urls,) if isinstance(self.urls, str) else tuple(self.urls)

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from retriever_server.batcher import BatcherStopped
 from retriever_server.service import RetrievalService
 from retriever_server.sharded import ShardUnavailable
-from retriever_server.wire import RequestError, RequestLimits, parse_retrieve_request
+from retriever_server.wire import DEFAULT_TOPK, RequestError, RequestLimits, parse_retrieve_request
 
 logger = logging.getLogger(__name__)
 _PROTECTED = {"/retrieve", "/metrics"}
@@ -30,7 +30,7 @@ def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Resp
     return Response(json.dumps(payload), status=status, mimetype="application/json", headers=headers)
 
 
-def create_app(service: RetrievalService, *, limits: RequestLimits | None = None, default_topk: int = 3,
+def create_app(service: RetrievalService, *, limits: RequestLimits | None = None, default_topk: int = DEFAULT_TOPK,
                auth_token: str | None = None) -> Flask:
     """Build the app around a service (loaded, or loading in the background)."""
     limits = limits or RequestLimits()

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import requests
 
+from retriever_server import environment
 from retriever_server.app import create_app
 from retriever_server.batcher import BatchingConfig
+from retriever_server.environment import AUTH_TOKEN
 from retriever_server.http_server import ServingLimits, WaitressServer
 from retriever_server.searchers import SEARCH_BACKENDS, LoadOptions
 from retriever_server.service import RetrievalService
-from retriever_server.wire import RequestLimits
+from retriever_server.wire import DEFAULT_TOPK, RequestLimits
 
 logger = logging.getLogger("ragr1-retriever")
-TOKEN_ENV = "RAGR1_RETRIEVER_TOKEN"
 
 
 def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
@@ -34,8 +35,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--demo-kind", choices=("dense", "bm25"), default="dense", help="demo index kind")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server")
     serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one and logs it)")
-    serve.add_argument("--topk", type=int, default=3, help="documents per query when a request gives no topk")
-    serve.add_argument("--auth-token", default=None, help=f"require this bearer token (default: ${TOKEN_ENV})")
+    serve.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="documents per query when a request gives no topk")
+    serve.add_argument("--auth-token", default=None, help=f"require this bearer token (default: ${AUTH_TOKEN})")
     serve.add_argument("--threads", type=int, default=128, help="HTTP worker threads")
     serve.add_argument("--max-concurrent-requests", type=int, default=120,
                        help="/retrieve requests searching at once (below --threads); more are answered 503")
@@ -135,8 +136,8 @@ def make_parser() -> argparse.ArgumentParser:
     query = commands.add_parser("query", help="send queries to a running server and print the results")
     query.add_argument("queries", nargs="+")
     query.add_argument("--url", default="http://127.0.0.1:8000", help="server address")
-    query.add_argument("--topk", type=int, default=3)
-    query.add_argument("--auth-token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    query.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="documents per query")
+    query.add_argument("--auth-token", default=None, help=f"bearer token (default: ${AUTH_TOKEN})")
     return parser
 
 
@@ -175,9 +176,9 @@ def _ray_deployer(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
-    from retriever_server.supervisor import SUPERVISED_ENV, Report, supervise
+    from retriever_server.supervisor import SUPERVISED, Report, supervise
 
-    if args.ray and SUPERVISED_ENV not in os.environ:  # Ray may end a driver silently: watched from outside
+    if args.ray and SUPERVISED not in os.environ:  # Ray may end a driver silently: watched from outside
         return supervise(args.argv)
     report = Report()
     if not args.ray:
@@ -214,7 +215,7 @@ def _serve(args: argparse.Namespace, report) -> int:
                                    request_read_timeout_s=args.request_read_timeout, idle_timeout_s=args.idle_timeout,
                                    shutdown_timeout_s=args.shutdown_timeout)
     service = build_service(args)
-    token = args.auth_token or os.environ.get(TOKEN_ENV) or None
+    token = args.auth_token or environment.value(AUTH_TOKEN)
     app = create_app(service, limits=limits, default_topk=args.topk, auth_token=token)
     server = WaitressServer(app, host=args.host, port=args.port, max_body_bytes=limits.max_body_bytes,
                             limits=serving_limits)
@@ -266,7 +267,7 @@ def _serve(args: argparse.Namespace, report) -> int:
 
 
 def query(args: argparse.Namespace) -> int:
-    token = args.auth_token or os.environ.get(TOKEN_ENV)
+    token = args.auth_token or environment.value(AUTH_TOKEN)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = requests.post(f"{args.url.rstrip('/')}/retrieve", headers=headers, timeout=60,
                              json={"queries": args.queries, "topk": args.topk, "return_scores": True})

@@ -6,12 +6,13 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from retriever_server import __version__
 from retriever_server.builder import BuildOptions, build_index
+from retriever_server.environment import cache_root
 from retriever_server.manifest import MANIFEST_NAME
+from retriever_server.wire import DEFAULT_TOPK
 
 logger = logging.getLogger(__name__)
 
@@ -19,14 +20,6 @@ DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CORPUS = DEMO_DIR / "corpus.jsonl"
 DEMO_QUESTIONS = DEMO_DIR / "questions.jsonl"
 DEMO_ENCODER = "minilm"
-
-
-def cache_root() -> Path:
-    """``$RAGR1_CACHE_DIR``, else ``$XDG_CACHE_HOME/ragr1-verl``, else ``~/.cache/ragr1-verl``."""
-    if os.environ.get("RAGR1_CACHE_DIR"):
-        return Path(os.environ["RAGR1_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ragr1-verl"
 
 
 def ensure_demo_index(kind: str = "dense", root: Path | None = None, show_progress: bool = False) -> Path:
@@ -73,7 +66,7 @@ def run_demo(kind: str = "dense", questions_per_request: int = 3) -> list[str]:
 def _show_one_request(url: str, sample: list[dict]) -> list[str]:
     import requests
 
-    payload = {"queries": [q["question"] for q in sample], "topk": 3, "return_scores": True}
+    payload = {"queries": [q["question"] for q in sample], "topk": DEFAULT_TOPK, "return_scores": True}
     result = requests.post(f"{url}/retrieve", json=payload, timeout=60).json()["result"]
     lines = [f"one request, {len(sample)} queries (a RAG-R1 multi-query search):"]
     for question, hits in zip(sample, result):
@@ -88,7 +81,7 @@ def _recall_summary(url: str, questions: list[dict]) -> list[str]:
     """Supporting-passage recall@3 of the question text, by type, by hops (multi-hop) and by split."""
     import requests
 
-    payload = {"queries": [q["question"] for q in questions], "topk": 3}
+    payload = {"queries": [q["question"] for q in questions], "topk": DEFAULT_TOPK}
     result = requests.post(f"{url}/retrieve", json=payload, timeout=120).json()["result"]
     hits = [(q, any(d["id"] in q["supporting_ids"] for d in docs)) for q, docs in zip(questions, result)]
 

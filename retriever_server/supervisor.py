@@ -31,9 +31,10 @@ import threading
 import time
 from pathlib import Path
 
+from retriever_server.environment import SUPERVISED  # in the child: the pipe to the parent
+
 logger = logging.getLogger("ragr1-retriever")
 
-SUPERVISED_ENV = "RAGR1_RETRIEVER_SUPERVISOR_FD"  # in the child: the pipe to the parent
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 _RAY_LAST_WORDS = ("Exiting because", "will terminate", "Check failed", " F ")  # Ray ending the process
 
@@ -55,7 +56,7 @@ class Report:
     """The child's side of the pipe (a no-op when not supervised)."""
 
     def __init__(self) -> None:
-        fd = os.environ.pop(SUPERVISED_ENV, None)
+        fd = os.environ.pop(SUPERVISED, None)
         self._pipe = os.fdopen(int(fd), "w", buffering=1) if fd else None
 
     def send(self, kind: str, text: str = "") -> None:
@@ -68,7 +69,7 @@ def supervise(argv: list[str], command: list[str] | None = None) -> int:
     """Run ``ragr1-retriever <argv>`` (or ``command``) as a supervised child; returns its exit status."""
     subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ, **{SUPERVISED_ENV: str(write_fd)})
+    env = dict(os.environ, **{SUPERVISED: str(write_fd)})
     command = command or [sys.executable, "-m", "retriever_server.cli", *argv]
     child = subprocess.Popen(command, env=env, pass_fds=(write_fd,), start_new_session=True,
                              preexec_fn=_die_with_parent)

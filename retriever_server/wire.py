@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+DEFAULT_TOPK = 3  # documents per query when a request gives no topk (the paper's, and the plugin's default)
+
 
 @dataclass(frozen=True)
 class RequestLimits:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ PACKAGES = ("ragr1_verl", "retriever_server")
 # layer (in this order) with a matching pattern is the module's.
 LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "ragr1_verl": (
-        ("base: the package, record files", ("ragr1_verl", "ragr1_verl.records", "ragr1_verl.configs",
+        ("base: the package, record files, settings", ("ragr1_verl", "ragr1_verl.records", "ragr1_verl.settings", "ragr1_verl.environment", "ragr1_verl.configs",
                                              "ragr1_verl.recipes")),
         ("protocol and the retrieval client (pure, no verl)", ("ragr1_verl.protocol*", "ragr1_verl.retrieval_client")),
         ("settings, the verl seam, the reward, the LLM client", ("ragr1_verl.config", "ragr1_verl.verl_compat",
@@ -41,7 +42,7 @@ LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
             "retriever_server", "retriever_server.corpus", "retriever_server.cpus", "retriever_server.heap",
             "retriever_server.metrics", "retriever_server.responses", "retriever_server.wire",
             "retriever_server.encoders", "retriever_server.bm25", "retriever_server.dense",
-            "retriever_server.supervisor")),
+            "retriever_server.supervisor", "retriever_server.environment")),
         ("index folders: manifest, shards, plans, loading, batching", (
             "retriever_server.manifest", "retriever_server.sharding", "retriever_server.sharded",
             "retriever_server.backends", "retriever_server.plan", "retriever_server.builder",
@@ -182,6 +183,22 @@ def test_no_import_reaches_up_a_layer_or_across_to_the_retriever(graph):
 
 def test_no_modules_import_each_other_in_a_cycle(graph):
     assert cycles(graph) == []
+
+
+ENVIRONMENT_MODULES = ("ragr1_verl.environment", "retriever_server.environment")
+
+
+def test_the_environment_is_read_in_one_module_per_package():
+    """No module but the two environment modules names a ``RAGR1_*`` variable in code (docstrings aside)."""
+    named = []
+    for module, path in our_modules().items():
+        if module in ENVIRONMENT_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            strings = [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else []
+            strings += [node.arg] if isinstance(node, ast.keyword) and node.arg else []
+            named += [f"{module}: {text}" for text in strings if re.fullmatch(r"RAGR1_[A-Z0-9_]+", text)]
+    assert named == []
 
 
 def test_the_checks_see_function_local_and_relative_imports(tmp_path):

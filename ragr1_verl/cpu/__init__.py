@@ -25,10 +25,10 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from ragr1_verl import verl_compat
+from ragr1_verl.environment import CPU_BACKEND
 
 logger = logging.getLogger(__name__)
 
-SELECT_ENV = "RAGR1_CPU_BACKEND"
 RECIPE_PREFIXES = ("ragr1_cpu", "ragr1_sft_cpu")  # main_ppo's CPU recipes and sft_trainer's
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -46,7 +46,7 @@ def selects_cpu_recipe(argument: str) -> bool:
 def selected(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process should run verl on the CPU backend (see the module docstring)."""
     environ = os.environ if environ is None else environ
-    value = environ.get(SELECT_ENV, "").strip().lower()
+    value = (CPU_BACKEND.value(environ) or "").lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -64,7 +64,7 @@ def activate() -> None:
     from ragr1_verl.cpu import patches
     from ragr1_verl.cpu.platform import install_platform
 
-    os.environ[SELECT_ENV] = "1"  # Ray processes started from here inherit it
+    os.environ[CPU_BACKEND.name] = "1"  # Ray processes started from here inherit it
     install_platform()
     patches.install()
     _active = True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP
+from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP, RagR1Config
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -31,6 +31,7 @@ from ragr1_verl.data.questions import (
 )
 from ragr1_verl.protocol.prompts import PromptRecord, default_template
 from ragr1_verl.records import DataError, positive_int, staged_output
+from ragr1_verl.settings import add_setting_argument
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N questions per benchmark, a seeded random subset (default: all)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --limit subsets (default 42)")
-    parser.add_argument("--mode", choices=CHOICES["mode"], default="mq",
-                        help="prompt template family (default mq)")
+    add_setting_argument(parser, RagR1Config, "mode", choices=CHOICES["mode"],
+                         help_suffix="Here the prompt template.")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                         help=PROMPT_TEMPLATE_HELP)
     parser.add_argument("--combined", action="store_true", help="also write all.parquet with every benchmark")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP
+from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP, RagR1Config
 from ragr1_verl.data.benchmarks import (
     BENCHMARKS,
     FLASHRAG_HUB,
@@ -42,6 +42,7 @@ from ragr1_verl.data.questions import (
 )
 from ragr1_verl.protocol.prompts import PromptRecord
 from ragr1_verl.records import DataError, positive_int, staged_output
+from ragr1_verl.settings import add_setting_argument
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def add_parser(subparsers: Any) -> None:
                              "demo: the bundled demo questions")
     source.add_argument("--input", metavar="FILE", help="local .jsonl/.json/.parquet question file")
     parser.add_argument("--out", required=True, help="output folder (train.parquet, test.parquet)")
-    parser.add_argument("--mode", choices=CHOICES["mode"], default="mq",
-                        help="prompt template family, and RAG-R1 set for --source ragr1 (default mq)")
+    add_setting_argument(parser, RagR1Config, "mode", choices=CHOICES["mode"],
+                         help_suffix="Here also the prompt template, and the RAG-R1 set for --source ragr1.")
     parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                         help=PROMPT_TEMPLATE_HELP)
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",

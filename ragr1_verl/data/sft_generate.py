@@ -15,12 +15,11 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP, URL_ENV, load_config
+from ragr1_verl.config import CHOICES, PROMPT_TEMPLATE_HELP, RagR1Config, load_config
 from ragr1_verl.data.questions import (
     DEMO_SOURCE,
     Question,
@@ -34,6 +33,7 @@ from ragr1_verl.data.teacher.runner import RunSettings, RunSummary, generate
 from ragr1_verl.data.teacher.scripted import ScriptedTeacher, token_counter
 from ragr1_verl.data.teacher.selection import SelectionSettings
 from ragr1_verl.data.teacher.store import ATTEMPTS_FILE, KEPT_FILE
+from ragr1_verl.environment import OPENAI_API_KEY, RETRIEVER_URL, TEACHER_API_KEY
 from ragr1_verl.openai_client import (
     Messages,
     Sampling,
@@ -44,10 +44,11 @@ from ragr1_verl.openai_client import (
 from ragr1_verl.protocol.observation import Codec, policy_codec
 from ragr1_verl.protocol.prompts import PromptRecord
 from ragr1_verl.records import DataError, positive_int
+from ragr1_verl.retrieval_client import DEFAULT_RETRIEVER_URL
+from ragr1_verl.settings import add_setting_argument
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENVS = ("RAGR1_TEACHER_API_KEY", "OPENAI_API_KEY")
 TEACHERS = ("openai", "scripted")
 
 
@@ -98,17 +99,17 @@ def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
                             "any server; chat: vLLM/SGLang continue_final_message")
     group.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
                        help="the teacher's tokenizer (path or hub name) for its chat template; with --teacher "
-                            "scripted, the policy's. Also the --max-obs-tokens budget's unless "
+                            "scripted, the policy's. Also the --max-obs-tokens-per-query budget's unless "
                             "--policy-tokenizer is given")
     group.add_argument("--policy-tokenizer", default=None, metavar="NAME_OR_PATH",
                        help="the tokenizer of the model these rows will train: the per-query budget of retrieved "
-                            "text (--max-obs-tokens) counts in it, as the rollout does (default: --tokenizer)")
-    group.add_argument("--api-key", default=None, metavar="KEY", help=f"default: ${API_KEY_ENVS[0]}, else ${API_KEY_ENVS[1]}")
+                            "text (--max-obs-tokens-per-query) counts in it, as the rollout does (default: --tokenizer)")
+    group.add_argument("--api-key", default=None, metavar="KEY", help=f"default: ${TEACHER_API_KEY.name}, else ${OPENAI_API_KEY.name}")
     group.add_argument("--temperature", type=float, default=0.7, metavar="T",
                        help="sampling temperature of the first attempt (default 0.7; the paper does not give it)")
     group.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default 1.0")
-    group.add_argument("--max-tokens-per-turn", type=positive_int, default=1024, metavar="N",
-                       help="token cap of one generation round (default 1024)")
+    add_setting_argument(group, RagR1Config, "max_tokens_per_turn", type=positive_int, metavar="N", default=1024,
+                         help_suffix="(the teacher's cap here)")
     group.add_argument("--concurrency", type=positive_int, default=32, metavar="N",
                        help="trajectories in flight (default 32)")
     group.add_argument("--teacher-timeout", type=float, default=600.0, metavar="S",
@@ -123,21 +124,18 @@ def _teacher_arguments(group: argparse._ArgumentGroup) -> None:
 
 def _protocol_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--retriever-url", default=None, metavar="URL",
-                       help=f"the retriever's /retrieve URL (default: ${URL_ENV}, else http://127.0.0.1:8000/retrieve)")
-    group.add_argument("--mode", choices=CHOICES["mode"], default="mq",
-                       help="multi-query or single-query search (default mq)")
+                       help=f"the retriever's /retrieve URL (default: ${RETRIEVER_URL.name}, else {DEFAULT_RETRIEVER_URL})")
+    add_setting_argument(group, RagR1Config, "mode", choices=CHOICES["mode"])
     group.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                        help=f"{PROMPT_TEMPLATE_HELP} (default: the mode's)")
-    group.add_argument("--max-turns", type=int, default=4, metavar="N",
-                       help="rounds that may search before the final round (default 4, as in training)")
-    group.add_argument("--topk", type=positive_int, default=3, metavar="K", help="passages per query (default 3)")
-    group.add_argument("--max-queries", type=positive_int, default=3, metavar="N",
-                       help="queries per search in mq mode (default 3)")
-    group.add_argument("--max-obs-tokens", type=positive_int, default=1000, metavar="N",
-                       help="cut of each query's retrieved text, in tokens of --policy-tokenizer (else --tokenizer), "
-                            "counted as the rollout counts them (default 1000)")
-    group.add_argument("--observation-format", choices=CHOICES["observation_format"], default="ragr1",
-                       help="default ragr1 (RAG-R1's JSON object in mq mode)")
+    add_setting_argument(group, RagR1Config, "max_turns", type=int, metavar="N")
+    add_setting_argument(group, RagR1Config, "topk", type=positive_int, metavar="K")
+    add_setting_argument(group, RagR1Config, "max_queries_per_search", type=positive_int, metavar="N",
+                         deprecated=("--max-queries",))
+    add_setting_argument(group, RagR1Config, "max_obs_tokens_per_query", type=positive_int, metavar="N",
+                         deprecated=("--max-obs-tokens",),
+                         help_suffix="Counted in --policy-tokenizer (else --tokenizer).")
+    add_setting_argument(group, RagR1Config, "observation_format", choices=CHOICES["observation_format"])
 
 
 def _selection_arguments(group: argparse._ArgumentGroup) -> None:
@@ -202,7 +200,8 @@ def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettin
             raise ValueError(f"--teacher openai needs {' and '.join(missing)}")
     section: dict[str, Any] = {
         "mode": args.mode, "topk": args.topk, "max_turns": args.max_turns,
-        "max_queries_per_search": args.max_queries, "max_obs_tokens_per_query": args.max_obs_tokens,
+        "max_queries_per_search": args.max_queries_per_search,
+        "max_obs_tokens_per_query": args.max_obs_tokens_per_query,
         "max_tokens_per_turn": args.max_tokens_per_turn, "observation_format": args.observation_format,
         "retriever": {"url": args.retriever_url} if args.retriever_url else {},
     }
@@ -219,7 +218,7 @@ def build_settings(args: argparse.Namespace) -> tuple[RunSettings, TeacherSettin
                            selection, progress=not args.no_progress)
     if scripted:
         return settings, None
-    api_key = args.api_key or next((os.environ[name] for name in API_KEY_ENVS if os.environ.get(name)), None)
+    api_key = args.api_key or TEACHER_API_KEY.value() or OPENAI_API_KEY.value()
     teacher = TeacherSettings(args.teacher_url, args.teacher_model, args.api, api_key,
                               timeout_s=args.teacher_timeout, max_retries=args.teacher_retries,
                               backoff_base_s=args.teacher_backoff, extra_body=args.extra_body)
@@ -259,10 +258,10 @@ def _budget_tokenizer(args: argparse.Namespace, tokenizer: Any) -> Any:
     if args.policy_tokenizer is not None:
         return load_tokenizer(args.policy_tokenizer, "--policy-tokenizer")
     if tokenizer is None:
-        logger.warning("no --policy-tokenizer or --tokenizer: retrieved text is not cut to --max-obs-tokens")
+        logger.warning("no --policy-tokenizer or --tokenizer: retrieved text is not cut to --max-obs-tokens-per-query")
         return None
     if getattr(args, "teacher", "openai") != "scripted":
-        logger.info("the --max-obs-tokens budget counts in the teacher's tokenizer (--tokenizer); give "
+        logger.info("the --max-obs-tokens-per-query budget counts in the teacher's tokenizer (--tokenizer); give "
                     "--policy-tokenizer when the trained model's differs")
     return tokenizer
 

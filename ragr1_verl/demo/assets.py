@@ -57,7 +57,7 @@ ASSETS = {  # ${ragr1_cpu_demo:<name>} -> what it is
 
 
 def assets_root() -> Path:
-    from retriever_server.demo import cache_root
+    from retriever_server.environment import cache_root
 
     return cache_root() / "cpu"
 

@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from ragr1_verl import verl_compat
-from ragr1_verl.config import CHOICES
+from ragr1_verl.config import CHOICES, RagR1Config
 from ragr1_verl.demo import report
 from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides
 from ragr1_verl.demo.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
 from ragr1_verl.demo.report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
+from ragr1_verl.environment import CPU_BACKEND
 from ragr1_verl.records import positive_int
+from ragr1_verl.settings import add_setting_argument
 
 logger = logging.getLogger("ragr1-verl-demo")
 
@@ -102,8 +104,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="what the stages train with: "
                              + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
                              + ". Explicit flags and overrides win over its values")
-    parser.add_argument("--mode", choices=CHOICES["mode"], default="mq",
-                        help="mq: several queries per search (RAG-R1); sq: one query per search")
+    add_setting_argument(parser, RagR1Config, "mode", choices=CHOICES["mode"])
     parser.add_argument("--algorithm", choices=sorted(RL_RECIPES), default=None,
                         help="ppo: PPO with a critic as the paper trains (recipe ragr1_cpu); grpo: "
                              f"ragr1_cpu_grpo (default: the preset's: {_preset_values('rl_algorithm')})")
@@ -508,7 +509,7 @@ def _retriever(url: str | None) -> Iterator[str]:
 
 
 def _tool_env(metrics_file: Path) -> dict[str, str]:
-    return dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), WANDB_MODE="disabled", RAGR1_CPU_BACKEND="1")
+    return {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics_file), "WANDB_MODE": "disabled", CPU_BACKEND.name: "1"}
 
 
 # -- stage 1: SFT -----------------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from ragr1_verl.config import (
     CHOICES,
     PROMPT_TEMPLATE_HELP,
     ConfigError,
+    RagR1Config,
     load_config,
     resolve_prompt_template,
 )
+from ragr1_verl.environment import OPENAI_API_KEY, RETRIEVER_TOKEN, RETRIEVER_URL
 from ragr1_verl.evaluation import report
 from ragr1_verl.evaluation.protocols import (
     PROTOCOL_NAMES,
@@ -47,6 +49,8 @@ from ragr1_verl.evaluation.runner import (
 )
 from ragr1_verl.protocol.prompts import warn_if_untrained_prompt
 from ragr1_verl.records import DataError, positive_int
+from ragr1_verl.retrieval_client import DEFAULT_RETRIEVER_URL
+from ragr1_verl.settings import add_setting_argument
 
 logger = logging.getLogger("ragr1_verl.evaluation")
 
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "'smollm2' is the offline SmolLM2-135M-Instruct")
     backend.add_argument("--server-url", help="openai: base URL of a vLLM/SGLang server, e.g. http://host:8000")
     backend.add_argument("--served-model-name", help="openai: the server's model name (default: --model)")
-    backend.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="openai: bearer token")
+    backend.add_argument("--api-key", default=OPENAI_API_KEY.value(),
+                         help=f"openai: bearer token (env {OPENAI_API_KEY.name})")
     backend.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:1, or auto")
     backend.add_argument("--concurrency", type=positive_int,
                          help="questions in flight (default: 32 for openai; 1 for transformers). With "
@@ -112,24 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
     rollout = parser.add_argument_group("rollout (the ragr1 section; see docs/reference/configuration.md)")
-    rollout.add_argument("--retriever-url", default=os.environ.get("RAGR1_RETRIEVER_URL",
-                                                                   "http://127.0.0.1:8000/retrieve"),
-                         help="ragr1.retriever.url (env RAGR1_RETRIEVER_URL)")
-    rollout.add_argument("--retriever-token", default=os.environ.get("RAGR1_RETRIEVER_TOKEN"),
-                         help="bearer token of the retriever (env RAGR1_RETRIEVER_TOKEN)")
-    rollout.add_argument("--mode", choices=CHOICES["mode"], default="mq",
-                         help="ragr1.mode: several queries per search, or one")
-    rollout.add_argument("--max-turns", type=positive_int,
-                         help="(protocol) searches allowed: 5 in both (the paper's evaluation); project adds "
-                              "one final round that can only answer, paper stops after the 5th search")
-    rollout.add_argument("--topk", type=positive_int, default=3, help="documents per query (paper: 3)")
+    rollout.add_argument("--retriever-url", default=RETRIEVER_URL.value() or DEFAULT_RETRIEVER_URL,
+                         help=f"ragr1.retriever.url (env {RETRIEVER_URL.name})")
+    rollout.add_argument("--retriever-token", default=RETRIEVER_TOKEN.value(),
+                         help=f"bearer token of the retriever (env {RETRIEVER_TOKEN.name})")
+    add_setting_argument(rollout, RagR1Config, "mode", choices=CHOICES["mode"])
+    add_setting_argument(rollout, RagR1Config, "max_turns", type=positive_int, default=None, help_prefix="(protocol)",
+                         help_suffix="Here 5 in both protocols (the paper's evaluation): project adds one final "
+                                     "round that can only answer, paper stops after the 5th search.")
+    add_setting_argument(rollout, RagR1Config, "topk", type=positive_int)
     rollout.add_argument("--prompt-template",
                          help=f"{PROMPT_TEMPLATE_HELP}; or 'data' for the prompt stored in the data (default: the "
                               "template of --mode, re-rendered from extra_info.question)")
-    rollout.add_argument("--max-obs-tokens-per-query", type=positive_int,
-                         help="(protocol) ragr1.max_obs_tokens_per_query; project: 1000 (training); paper: no cut")
-    rollout.add_argument("--max-tokens-per-turn", type=positive_int,
-                         help="(protocol) ragr1.max_tokens_per_turn; project: 500 (training); paper: 1024")
+    add_setting_argument(rollout, RagR1Config, "max_obs_tokens_per_query", type=positive_int, default=None,
+                         help_prefix="(protocol)", help_suffix="project: 1000 (training); paper: no cut.")
+    add_setting_argument(rollout, RagR1Config, "max_tokens_per_turn", type=positive_int, default=None,
+                         help_prefix="(protocol)", help_suffix="project: 500 (training); paper: 1024.")
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
 from ragr1_verl.config import ConfigError, load_config, resolve_prompt_template
 from ragr1_verl.protocol.prompts import MQ_PROMPT_TEMPLATE, SQ_PROMPT_TEMPLATE
+from ragr1_verl.settings import shown
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_follow_the_paper_training_setup():
@@ -105,54 +111,34 @@ def test_prompt_templates_by_name_text_and_file(tmp_path):
         resolve_prompt_template(str(tmp_path / "bad.txt"), "mq")
 
 
-def _documented_config_rows() -> dict[str, str]:
-    """``key -> default`` from the configuration table of docs/reference/configuration.md (rows naming two
-    keys give two)."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "configuration.md").read_text(
-        encoding="utf-8")
-    table = text.split("# Configuration reference (`ragr1:`)", 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in table.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) < 4 or not cells[0].startswith("`"):
-            continue
-        keys = re.findall(r"`([^`]+)`", cells[0])
-        defaults = [part.strip() for part in cells[1].split(",")] if len(keys) > 1 else [cells[1]]
-        assert len(keys) == len(defaults), line
-        rows.update(zip(keys, defaults))
-    return rows
+def _config_reference():
+    """scripts/config_reference.py (scripts/ is no package: loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _as_table_text(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+def test_the_configuration_reference_is_the_one_the_fields_generate():
+    reference = _config_reference()
+    assert reference.page_table(reference.PAGE.read_text(encoding="utf-8")) == reference.rendered(), \
+        "docs/reference/configuration.md is out of date: run `python scripts/config_reference.py --write`"
 
 
-def test_every_setting_is_in_the_configuration_reference_with_its_default():
+def test_every_setting_has_help_and_the_reference_lists_every_key_with_its_real_default():
     from dataclasses import fields
 
-    from ragr1_verl.config import DEFAULT_RETRIEVER_URL, RagR1Config
-    from ragr1_verl.retrieval_client import RetrieverSettings
+    from ragr1_verl.config import IGNORED_KEYS, RagR1Config, load_config, reference_rows
+    from ragr1_verl.retrieval_client import DEFAULT_RETRIEVER_URL, RetrieverSettings
 
-    rows = {key: cell.strip("`").replace("none", "null").replace("(unset)", "null") for key, cell in
-            _documented_config_rows().items()}
-    declared = {f.name: f.default for f in fields(RagR1Config) if f.name != "retriever"}
-    retriever = RetrieverSettings(urls=(DEFAULT_RETRIEVER_URL,))
-    declared |= {f"retriever.{f.name}": getattr(retriever, f.name) for f in fields(RetrieverSettings)
-                 if f.name != "urls"}
-    declared["retriever.url"] = DEFAULT_RETRIEVER_URL
-    missing = sorted(set(declared) - set(rows))
-    assert not missing, f"settings missing from the configuration reference (docs): {missing}"
-    unknown = sorted(set(rows) - set(declared) - {"enabled"})
-    assert not unknown, f"the configuration reference (docs) documents settings that do not exist: {unknown}"
-    wrong = {key: (rows[key], _as_table_text(value)) for key, value in declared.items()
-             if rows[key] != _as_table_text(value)}
-    assert not wrong, f"a default in the configuration reference (docs) differs from the code (docs, code): {wrong}"
+    rows = {row.key: row for row in reference_rows()}
+    keys = {f.name for f in fields(RagR1Config)} - {"retriever"}
+    keys |= {"retriever.url"} | {f"retriever.{f.name}" for f in fields(RetrieverSettings)} - {"retriever.urls"}
+    assert set(rows) == keys | set(IGNORED_KEYS)
+    assert all(row.help for row in rows.values())
+    parsed = load_config(None, environ={})  # what a section without the key gets
+    for key in keys - {"retriever.url"}:
+        section, _, name = key.rpartition(".")
+        value = getattr(parsed.retriever if section else parsed, name)
+        assert rows[key].default == shown(value), key
+    assert rows["retriever.url"].default == DEFAULT_RETRIEVER_URL == parsed.retriever.urls[0]

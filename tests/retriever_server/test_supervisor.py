@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from retriever_server.supervisor import SUPERVISED_ENV, supervise
+from retriever_server.environment import SUPERVISED
+from retriever_server.supervisor import supervise
 
 psutil = pytest.importorskip("psutil")
 
@@ -20,7 +21,7 @@ psutil = pytest.importorskip("psutil")
 # makes a driver die (_exit, no Python unwinding) or stops on its own.
 CHILD = textwrap.dedent(f"""
     import os, subprocess, sys
-    pipe = os.fdopen(int(os.environ["{SUPERVISED_ENV}"]), "w", buffering=1)
+    pipe = os.fdopen(int(os.environ["{SUPERVISED}"]), "w", buffering=1)
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     print(orphan.pid, flush=True)
     pipe.write("problem lost the connection to Ray: its GCS does not answer\\n")
@@ -49,4 +50,4 @@ def test_a_child_that_stopped_on_its_own_is_passed_through(caplog):
     caplog.set_level(logging.INFO, logger="ragr1-retriever")
     assert supervise([], command=[sys.executable, "-c", CHILD, "done"]) == 0
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
-    assert SUPERVISED_ENV not in os.environ
+    assert SUPERVISED not in os.environ

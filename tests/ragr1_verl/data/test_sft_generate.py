@@ -305,7 +305,7 @@ def test_the_completions_api_needs_the_tokenizer_and_the_chat_api_warns_without_
         assert generate(tmp_path / "a", teacher, tokenizer=False) == 2
         assert teacher.calls == []
         assert generate(tmp_path / "b", teacher, "--api", "chat", tokenizer=False) == 0
-    assert "give --tokenizer" in caplog.text and "not cut to --max-obs-tokens" in caplog.text
+    assert "give --tokenizer" in caplog.text and "not cut to --max-obs-tokens-per-query" in caplog.text
     assert len(read_jsonl(tmp_path / "b" / ATTEMPTS)) == 5
 
 
