@@ -14,6 +14,7 @@ file it comes from (paths relative to verl's package). The first symbol used che
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.metadata
@@ -102,15 +103,21 @@ def version_tuple(version: str) -> tuple[int, int, int]:
     return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
 
 
-_version_checked = False
-
-
 def check_verl_version(version: str | None = None) -> None:
-    """Raise :class:`UnsupportedVerl` naming the installed and the supported versions, unless supported."""
-    global _version_checked
-    if version is None and _version_checked:
-        return
-    found = version if version is not None else installed_verl_version()
+    """Raise :class:`UnsupportedVerl` naming the installed and the supported versions, unless supported;
+    ``version``: another one than the installed (whose check, once passed, is not repeated)."""
+    if version is None:
+        _check_installed_verl()
+    else:
+        _check(version)
+
+
+@functools.cache  # a failed check raises, so it is not cached and runs again next time
+def _check_installed_verl() -> None:
+    _check(installed_verl_version())
+
+
+def _check(found: str | None) -> None:
     if found is None:
         raise UnsupportedVerl(f"verl is not installed; ragr1-verl needs verl{SUPPORTED_VERL_SPEC} "
                               "(pip install 'ragr1-verl[verl]')")
@@ -118,8 +125,6 @@ def check_verl_version(version: str | None = None) -> None:
     if not low <= version_tuple(found) < high:
         raise UnsupportedVerl(f"verl {found} is installed; ragr1-verl supports verl{SUPPORTED_VERL_SPEC} "
                               f"(pip install 'verl{SUPPORTED_VERL_SPEC}')")
-    if version is None:
-        _version_checked = True
 
 
 def verl_module(name: str) -> ModuleType:
@@ -135,6 +140,16 @@ def __getattr__(name: str) -> Any:
     value = getattr(verl_module(module_name), attribute)
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+def add_agent_loop(agent_loop_module: ModuleType, name: str, target: str) -> None:
+    """Make agent loop ``name`` known to verl by its class path ``target``, without importing it (verl's own
+    ``register`` takes the class, which would import it in every verl process)."""
+    registry = getattr(agent_loop_module, AGENT_LOOP_REGISTRY, None)
+    if not isinstance(registry, dict):
+        raise UnsupportedVerl(f"{AGENT_LOOP_MODULE}.{AGENT_LOOP_REGISTRY} is not a dict: this verl release is "
+                              "not supported")
+    registry.setdefault(name, {"_target_": target})
 
 
 # -- the import hook -------------------------------------------------------------------------------------

@@ -31,11 +31,7 @@ logger = logging.getLogger(__name__)
 
 def register(agent_loop_module: ModuleType) -> None:
     """Add ``ragr1_agent`` to verl's registry; instantiating it imports our module then."""
-    registry = getattr(agent_loop_module, verl_compat.AGENT_LOOP_REGISTRY, None)
-    if not isinstance(registry, dict):
-        raise verl_compat.UnsupportedVerl(f"{verl_compat.AGENT_LOOP_MODULE}.{verl_compat.AGENT_LOOP_REGISTRY} is "
-                                          "not a dict: this verl release is not supported")
-    registry.setdefault(AGENT_NAME, {"_target_": AGENT_TARGET})
+    verl_compat.add_agent_loop(agent_loop_module, AGENT_NAME, AGENT_TARGET)
 
 
 def check_version() -> None:

@@ -62,7 +62,7 @@ def test_unsupported_versions_are_refused_naming_both_versions(version):
 
 def test_a_missing_verl_is_named(monkeypatch):
     monkeypatch.setattr(verl_compat, "installed_verl_version", lambda: None)
-    monkeypatch.setattr(verl_compat, "_version_checked", False)
+    verl_compat._check_installed_verl.cache_clear()
     with pytest.raises(verl_compat.UnsupportedVerl, match=r"verl is not installed.*ragr1-verl\[verl\]"):
         verl_compat.check_verl_version()
 
