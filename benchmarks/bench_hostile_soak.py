@@ -134,18 +134,24 @@ def client(url: str, deadline: float, fraction: float, tally: Tally, seed: int) 
             with tally.lock:
                 tally.hostile[kind][outcome] += 1
             continue
-        payload = {"queries": rng.sample(QUESTIONS, rng.randint(1, 3)), "topk": 3}
-        started = time.perf_counter()
-        try:
-            response = session.post(f"{url}/retrieve", json=payload, timeout=60)
-            error = None if response.status_code == 200 and len(response.json()["result"]) == len(
-                payload["queries"]) else f"status {response.status_code}"
-        except (requests.RequestException, ValueError) as err:
-            error = type(err).__name__
+        seconds, error = timed_search(session, url, rng.sample(QUESTIONS, rng.randint(1, 3)), 3)
         with tally.lock:
-            tally.normal_seconds.append(time.perf_counter() - started)
+            tally.normal_seconds.append(seconds)
             if error:
                 tally.normal_errors[error] += 1
+
+
+def timed_search(session: requests.Session, url: str, queries: list[str], topk: int) -> tuple[float, str | None]:
+    """One ``/retrieve`` call: its seconds, and None or what was wrong (a status other than 200 with one row
+    per query, or the client's error)."""
+    started = time.perf_counter()
+    try:
+        response = session.post(f"{url}/retrieve", json={"queries": queries, "topk": topk}, timeout=60)
+        error = None if response.status_code == 200 and len(response.json()["result"]) == len(queries) else (
+            f"status {response.status_code}: {response.text[:120]}")
+    except (requests.RequestException, ValueError) as err:
+        error = type(err).__name__
+    return time.perf_counter() - started, error
 
 
 def percentile(values: list[float], q: float) -> float:

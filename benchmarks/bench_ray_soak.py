@@ -41,7 +41,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import HelpFormatter, cpu_model  # noqa: E402
-from bench_hostile_soak import hostile_requests, percentile  # noqa: E402
+from bench_hostile_soak import hostile_requests, percentile, timed_search  # noqa: E402
 
 TOPK = 3
 
@@ -143,16 +143,9 @@ def client(server: Server, questions: list[str], deadline: float, fraction: floa
                 if outcome == "500":
                     tally.errors[f"500 to {kind}"] += 1
             continue
-        queries = rng.sample(questions, rng.randint(1, 3))
-        started = time.perf_counter()
-        try:
-            response = session.post(f"{server.url}/retrieve", json={"queries": queries, "topk": TOPK}, timeout=60)
-            error = None if response.status_code == 200 and len(response.json()["result"]) == len(queries) else (
-                f"status {response.status_code}: {response.text[:120]}")
-        except (requests.RequestException, ValueError) as err:
-            error = type(err).__name__
+        seconds, error = timed_search(session, server.url, rng.sample(questions, rng.randint(1, 3)), TOPK)
         with tally.lock:
-            tally.seconds.append(time.perf_counter() - started)
+            tally.seconds.append(seconds)
             if error:
                 tally.errors[error] += 1
 
