@@ -32,6 +32,7 @@ from ragr1_verl.protocol.actions import (
 )
 from ragr1_verl.protocol.observation import (
     INVALID_ACTION_REMINDER,
+    ObservationRenderer,
     invalid_search,
     policy_codec,
     retrieval_failed,
@@ -145,6 +146,7 @@ class _TokenizerState:
         self.codec = policy_codec(tokenizer)
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self._encoded: dict[str, list[int]] = {}
+        self._renderers: dict[RagR1Config, ObservationRenderer] = {}
 
     @classmethod
     def of(cls, tokenizer: Any) -> _TokenizerState:
@@ -159,6 +161,13 @@ class _TokenizerState:
     def encode(self, text: str) -> list[int]:
         return self.codec.encode(text)
 
+    def renderer(self, config: RagR1Config) -> ObservationRenderer:
+        """The observation renderer of ``config`` with this tokenizer's budget, built once per worker."""
+        renderer = self._renderers.get(config)
+        if renderer is None:
+            renderer = self._renderers[config] = config.observation_renderer(self.codec)
+        return renderer
+
     def encode_fixed(self, text: str) -> list[int]:
         """Encodings of the loop's fixed messages (reminders), cached."""
         ids = self._encoded.get(text)
@@ -170,8 +179,7 @@ class _TokenizerState:
 def observation_ids(tokens: _TokenizerState, config: RagR1Config, queries: Sequence[str],
                     documents: Sequence[Sequence[dict]]) -> list[int]:
     """The tokens of one search's ``<information>`` block: the text the SFT teachers write for it, encoded."""
-    text, ids = config.observation_renderer(tokens.codec).render_with_ids(queries, documents)
-    return ids if ids is not None else tokens.encode(text)
+    return tokens.renderer(config).render_with_ids(queries, documents)[1]
 
 
 _CONFIGS: dict[int, tuple[Any, RagR1Config, str | None]] = {}

@@ -99,7 +99,8 @@ class ObservationRenderer:
     the unit as it stands in the observation, JSON escapes included. With a Rust (fast) tokenizer the whole
     block is encoded once and a token counts toward the unit its first character lies in; the ids are
     handed back, so the rollout encodes nothing again unless a unit had to be cut. A slow tokenizer has no
-    offsets: each unit is encoded on its own. Without a codec nothing is cut.
+    offsets: each unit is encoded on its own, then the block. Without a codec nothing is cut. One renderer
+    serves every search of a worker (the rollout keeps one per config and tokenizer).
     """
 
     mode: Mode = "mq"
@@ -121,7 +122,8 @@ class ObservationRenderer:
 
     def render_with_ids(self, queries: Sequence[str], documents: Sequence[Sequence[dict]]
                         ) -> tuple[str, list[int] | None]:
-        """The block and, where counting the budget already encoded it, its token ids (else None)."""
+        """The block and its token ids in ``codec`` (None without a codec). The ids come from encoding the
+        block once to count the budget, and again only when a unit had to be cut."""
         units = document_units(documents, self.mode, self.observation_format)
         if self.codec is None:
             return self._block(queries, units)[0], None
@@ -129,7 +131,8 @@ class ObservationRenderer:
         encoded = self._encode_with_offsets(text)
         if encoded is None:  # a slow tokenizer: each unit is counted on its own
             units = [self._within_budget(unit) for unit in units]
-            return self._block(queries, units)[0], None
+            text = self._block(queries, units)[0]
+            return text, self.codec.encode(text)
         ids, offsets = encoded
         cuts = _cuts_over_budget(spans, offsets, self.max_tokens_per_unit)
         if not cuts:
