@@ -1,4 +1,5 @@
-"""The teacher model behind an OpenAI-compatible server, as an asyncio client with retries.
+"""An OpenAI-compatible server (the SFT teacher, the evaluation's ``openai`` backend) as an asyncio client with
+retries.
 
 A trajectory is one assistant message that grows: after each ``</search>`` the retrieved text is appended and
 the teacher must continue *the same* message. An OpenAI-compatible server offers two ways to ask for that:

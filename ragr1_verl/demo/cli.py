@@ -44,8 +44,8 @@ from ragr1_verl import verl_compat
 from ragr1_verl.config import CHOICES, RagR1Config
 from ragr1_verl.demo import report
 from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides
-from ragr1_verl.demo.processes import ProcessTree, run_logged  # noqa: F401 (tests import ProcessTree here)
-from ragr1_verl.demo.report import read_metrics, validation_summary  # noqa: F401 (tests import them here)
+from ragr1_verl.demo.processes import run_logged
+from ragr1_verl.demo.report import read_metrics, validation_summary
 from ragr1_verl.environment import CPU_BACKEND
 from ragr1_verl.records import positive_int
 from ragr1_verl.settings import add_setting_argument

@@ -9,8 +9,9 @@ import os
 import pytest
 
 from ragr1_verl import metrics as ragr1_metrics
-from ragr1_verl.demo.cli import RL_RECIPES, read_metrics
+from ragr1_verl.demo.cli import RL_RECIPES
 from ragr1_verl.demo.presets import PRESETS
+from ragr1_verl.demo.report import read_metrics
 from tests.ragr1_verl.cpu.test_main_ppo_cpu import run_main_ppo
 
 pytestmark = pytest.mark.slow

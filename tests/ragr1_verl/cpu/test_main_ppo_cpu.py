@@ -12,7 +12,8 @@ import time
 import pytest
 
 from ragr1_verl import metrics as ragr1_metrics
-from ragr1_verl.demo.cli import ProcessTree, read_metrics
+from ragr1_verl.demo.processes import ProcessTree
+from ragr1_verl.demo.report import read_metrics
 from ragr1_verl.protocol.actions import INFORMATION_OPEN
 from ragr1_verl.protocol.observation import INVALID_ACTION_REMINDER
 
