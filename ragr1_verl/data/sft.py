@@ -38,6 +38,9 @@ of the questions; all trajectories of one question land on the same side), colum
                    ``sample_kinds`` the paper's kind (1-4) of each trained model turn, in order
 =================  ==========================================================================================
 
+``--repeat-multi-search N`` writes the training trajectories that search more than once N times (the test
+rows once), to weigh the multi-hop pattern up where it is rare.
+
 Every input error names the file, row and field; nothing is written unless every row could be used (or
 ``--skip-invalid`` was given for rows that break the tag protocol).
 """
@@ -52,7 +55,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ragr1_verl.data.benchmarks import download_hub_dataset
 from ragr1_verl.protocol.actions import INFORMATION_OPEN
@@ -61,6 +64,7 @@ from ragr1_verl.protocol.prompts import SAMPLE_ROWS, PromptRecord, template_from
 from ragr1_verl.records import DataError, read_records, staged_output, where
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RAGR1_SFT_HUB = "endertzw/RAG-R1-SFT-data"
 RAGR1_SFT_FILES = {"sq": "SFT_train_data", "mq": "SFT_train_data_mq"}  # the code repository's data/SFT names
@@ -176,6 +180,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip (and count) trajectories that break the tag protocol instead of stopping")
     parser.add_argument("--data-source", default=None, metavar="NAME", help="data_source of every row")
+    parser.add_argument("--repeat-multi-search", type=_copies, default=1, metavar="N",
+                        help="training trajectories that search more than once appear N times in train.parquet "
+                             "(default 1: once); test.parquet is left as it is")
     parser.set_defaults(func=run)
 
 
@@ -183,6 +190,13 @@ def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return number
+
+
+def _copies(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a count of 1 or more, got {value}")
     return number
 
 
@@ -199,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{', '.join(map(str, args.input or [args.source]))}: no usable training trajectory")
     if not test:
         logger.warning("test.parquet is empty: give --val-input or a larger --val-fraction to validate")
+    train = repeat_multi_search(train, args.repeat_multi_search, searches=lambda row: row.searches)
     with staged_output(args.out) as staging:
         write_sft_parquet(train, "train", staging / "train.parquet")
         write_sft_parquet(test, "test", staging / "test.parquet")
@@ -227,11 +242,15 @@ def _log_summary(tally: Tally, train: int, test: int, out: str) -> None:
 
 
 def write_sft_parquet(rows: Sequence[SFTRow], split: str, path: Path) -> None:
+    write_sft_records([row.record(index, split) for index, row in enumerate(rows)], path)
+
+
+def write_sft_records(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Rows already in the output's form (:meth:`SFTRow.record`, or read back from a file of this command)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = [row.record(index, split) for index, row in enumerate(rows)]
-    pq.write_table(pa.Table.from_pylist(records, schema=parquet_schema()), path)
+    pq.write_table(pa.Table.from_pylist(list(records), schema=parquet_schema()), path)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -469,6 +488,18 @@ def hold_out(rows: Sequence[SFTRow], fraction: float, seed: int) -> tuple[list[S
     held = set(random.Random(seed).sample(keys, count))
     train = [row for row in rows if _split_key(row) not in held]
     return train, [row for row in rows if _split_key(row) in held]
+
+
+def repeat_multi_search(rows: Sequence[T], copies: int, *, searches: Callable[[T], int]) -> list[T]:
+    """``rows``, then ``copies - 1`` more copies of those that search more than once (``searches(row)``).
+
+    A small student copies the pattern most of its trajectories show: a second search is the pattern of the
+    multi-hop questions only (a third of the demo's trajectories), and one copy of them does not teach it
+    (docs/results/cpu-runs.md, e01 and e02)."""
+    if copies < 1:
+        raise ValueError(f"copies must be 1 or more, not {copies}")
+    multi = [row for row in rows if searches(row) > 1]
+    return [*rows, *multi * (copies - 1)]
 
 
 def _split_key(row: SFTRow) -> str:

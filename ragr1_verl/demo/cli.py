@@ -42,12 +42,13 @@ from typing import Any
 
 from ragr1_verl import verl_compat
 from ragr1_verl.config import CHOICES, RagR1Config
-from ragr1_verl.demo import report
-from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides
+from ragr1_verl.data.sft import repeat_multi_search, write_sft_records
+from ragr1_verl.demo import assets, report
+from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides, override_key
 from ragr1_verl.demo.processes import run_logged
 from ragr1_verl.demo.report import read_metrics, validation_summary
 from ragr1_verl.environment import CPU_BACKEND
-from ragr1_verl.records import positive_int
+from ragr1_verl.records import positive_int, read_records, staged_output
 from ragr1_verl.settings import add_setting_argument
 
 logger = logging.getLogger("ragr1-verl-demo")
@@ -475,8 +476,6 @@ def _budget(seconds: float, minutes: int | None) -> str:
 
 def _base_model(run: Run) -> Path:
     """The starting model: ``--model``, a ``model.path`` override, or SmolLM2 converted once into the cache."""
-    from ragr1_verl.demo import assets
-
     for item in run.overrides:
         if item.startswith("actor_rollout_ref.model.path="):
             return Path(item.partition("=")[2]).expanduser().resolve()
@@ -514,9 +513,9 @@ def _tool_env(metrics_file: Path) -> dict[str, str]:
 
 # -- stage 1: SFT -----------------------------------------------------------------------------------------
 
-def sft_command(run: Run, checkpoints: Path) -> list[str]:
+def sft_command(run: Run, checkpoints: Path, train_file: Path | None = None) -> list[str]:
     """verl's SFT trainer under torchrun (one CPU rank), the CPU SFT recipe, then the preset's overrides and
-    the user's (which win)."""
+    the user's (which win); ``train_file`` replaces the recipe's demo training data."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                "-m", verl_compat.SFT_TRAINER_MODULE]
     overrides = [f"+recipe={SFT_RECIPES[run.args.mode]}",
@@ -526,14 +525,35 @@ def sft_command(run: Run, checkpoints: Path) -> list[str]:
                  "checkpoint.save_contents=[hf_model]"]
     if run.args.model is not None:
         overrides.append(f"model.path={run.models['base']}")
+    if train_file is not None:
+        overrides.append(f"data.train_files={train_file}")
     return command + merge_overrides(overrides, run.sft_overrides)
+
+
+def sft_train_file(run: Run) -> Path | None:
+    """The preset's weighted copy of the demo SFT training data (``sft/data/train.parquet``: the trajectories
+    that search more than once repeated), or None where the recipe's file is used as it is: a preset without
+    repeats, or training files of the user's own (``--sft-override data.train_files=...``)."""
+    copies = run.preset.sft_multi_search_copies
+    own_files = any(override_key(item) == "data.train_files" for item in run.args.sft_override)
+    if copies == 1 or own_files:
+        return None
+    source = assets.ensure_demo_sft_data(run.args.mode) / "train.parquet"
+    rows = read_records(source)
+    weighted = repeat_multi_search(rows, copies, searches=lambda row: row["extra_info"]["searches"])
+    target = run.path("sft", "data", "train.parquet")
+    with staged_output(target.parent) as staging:
+        write_sft_records(weighted, staging / target.name)
+    _out(f"SFT data: {len(rows)} teacher trajectories, those that search more than once {copies} times: "
+         f"{len(weighted)} rows ({target})")
+    return target
 
 
 def _sft_stage(run: Run) -> str:
     from ragr1_verl.sft.checkpoints import mark_best, select_best
 
     checkpoints, metrics = run.path("sft", "checkpoints"), run.path("sft", "metrics.jsonl")
-    command = sft_command(run, checkpoints)
+    command = sft_command(run, checkpoints, sft_train_file(run))
     logger.info("SFT: %s\n(full output in %s)", " ".join(command), run.path("sft", "train.log"))
     progress = SFTProgress(metrics)
     code = run_logged(command, log=run.path("sft", "train.log"), cwd=run.folder, env=_tool_env(metrics),
@@ -615,8 +635,6 @@ def rl_command(run: Run, start_model: Path) -> list[str]:
 
 
 def _rl_stage(run: Run) -> str:
-    from ragr1_verl.demo import assets
-
     start = run.models.get("sft", run.models["base"])
     label = run.rl_label
     metrics, log = run.path(label, "metrics.jsonl"), run.path(label, "train.log")
@@ -720,7 +738,6 @@ def _eval_stage(run: Run) -> None:
     """Every model of the run (those of earlier seeds in the same folder too), one after the other; a model
     whose evaluation is complete is not evaluated again, and an incomplete one starts again (``--overwrite``:
     ragr1-eval resumes only with the same retriever address, and the demo retriever's port changes)."""
-    from ragr1_verl.demo import assets
     from ragr1_verl.evaluation.report import read_results
     from ragr1_verl.evaluation.runner import load_questions
 

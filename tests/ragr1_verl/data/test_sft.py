@@ -97,6 +97,29 @@ def test_val_input_gives_the_test_file(sft, tmp_path):
     assert [row["extra_info"]["id"] for row in read(tmp_path / "out", "test")] == ["hp-5"]
 
 
+def test_repeat_multi_search_repeats_only_training_trajectories_that_search_more_than_once(sft, tmp_path):
+    lines = teacher_lines()
+    train = write_jsonl(tmp_path / "train.jsonl", lines[:3])
+    val = write_jsonl(tmp_path / "val.jsonl", lines[:3])
+    assert sft("--input", train, "--val-input", val, "--out", tmp_path / "once") == 0
+    assert sft("--input", train, "--val-input", val, "--out", tmp_path / "thrice", "--repeat-multi-search", "3") == 0
+
+    once, thrice = read(tmp_path / "once", "train"), read(tmp_path / "thrice", "train")
+    multi = [row for row in once if row["extra_info"]["searches"] > 1]
+    assert multi and len(multi) < len(once)  # the fixture has both kinds
+    assert len(thrice) == len(once) + 2 * len(multi)
+    trajectories = [row["trajectory"] for row in thrice]
+    for row in once:
+        assert trajectories.count(row["trajectory"]) == (3 if row["extra_info"]["searches"] > 1 else 1)
+    assert read(tmp_path / "thrice", "test") == read(tmp_path / "once", "test")
+
+
+def test_repeat_multi_search_refuses_a_count_below_one(sft, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        sft("--input", TRAJECTORIES, "--out", tmp_path, "--repeat-multi-search", "0")
+    assert exit_info.value.code == 2 and not list(tmp_path.iterdir())
+
+
 def test_wrong_answers_kept_on_request(sft, tmp_path):
     assert sft("--input", TRAJECTORIES, "--out", tmp_path, "--val-fraction", "0", "--include-wrong") == 0
     assert "hp-4" in [row["extra_info"]["id"] for row in read(tmp_path, "train")]

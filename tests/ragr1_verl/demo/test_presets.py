@@ -9,8 +9,10 @@ import shlex
 import signal
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from ragr1_verl.data.sft import write_sft_records
 from ragr1_verl.demo import cli as demo
 from ragr1_verl.demo import presets, report
 
@@ -183,8 +185,10 @@ class FakeTools:
 
     def __init__(self):
         self.ran: list[str] = []
+        self.commands: list[list[str]] = []
 
     def __call__(self, command, *, log, cwd, env, on_line=lambda line: None):
+        self.commands.append(list(command))
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("fake\n")
         module = command[command.index("-m", 3 if "torch.distributed.run" in command else 0) + 1]
@@ -213,6 +217,22 @@ class FakeTools:
         return 0
 
 
+SEARCHES = [1, 2, 1, 3]  # of the stand-in demo SFT trajectories
+
+
+def _demo_sft_data(folder: Path) -> Path:
+    """A stand-in for the demo's SFT data: four trajectories that search once, twice, once and three times."""
+    if not (folder / "train.parquet").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"data_source": "demo", "prompt": [{"role": "user", "content": f"q{index}?"}],
+                 "trajectory": f"trajectory {index}", "question": f"q{index}?", "golden_answers": ["a"],
+                 "extra_info": {"index": index, "split": "train", "id": f"demo/{index}", "origin": "sft-generate",
+                                "searches": searches, "sample_kinds": []}}
+                for index, searches in enumerate(SEARCHES)]
+        write_sft_records(rows, folder / "train.parquet")
+    return folder
+
+
 @pytest.fixture
 def tools(monkeypatch, tmp_path):
     from ragr1_verl.demo import assets
@@ -235,6 +255,7 @@ def tools(monkeypatch, tmp_path):
         "prompt": 640, "response": 640})
     monkeypatch.setattr(demo, "question_types", lambda: {})
     monkeypatch.setattr(assets, "ensure_demo_data", lambda: tmp_path / "data")
+    monkeypatch.setattr(assets, "ensure_demo_sft_data", lambda mode="mq": _demo_sft_data(tmp_path / "sft-data"))
     monkeypatch.setattr(runner, "load_questions", lambda paths, limit=None: [
         type("Question", (), {"id": i})() for i in QUESTIONS[:limit]])
     return fake
@@ -265,6 +286,29 @@ def test_a_resumed_run_skips_done_stages_and_runs_the_missing_ones(tmp_path, too
     progress = (folder / "progress.md").read_text()
     assert "- sft: already done" in progress and "- rl-seed1:" in progress
     assert "mean train reward: first 5 steps 0.500, last 5 steps 0.667" in progress  # (1..5)/6, (2..6)/6
+
+
+def _sft_train_file(tools) -> str | None:
+    sft = next(command for command in tools.commands if "verl.trainer.sft_trainer" in command)
+    return _value(sft, "data.train_files")
+
+
+def test_the_full_preset_trains_stage_1_on_the_multi_search_trajectories_twice(tmp_path, tools):
+    demo._run_stages(_run(tmp_path / "full", ["--preset", "full", "--stages", "sft"]))
+    train_file = _sft_train_file(tools)
+    assert train_file == str(tmp_path / "full" / "sft" / "data" / "train.parquet")
+    rows = pq.read_table(train_file).to_pylist()
+    assert sorted(row["extra_info"]["searches"] for row in rows) == [1, 1, 2, 2, 3, 3]
+    assert rows[:len(SEARCHES)] == pq.read_table(tmp_path / "sft-data" / "train.parquet").to_pylist()
+
+    tools.commands.clear()  # the quick preset trains on the recipe's file as it is
+    demo._run_stages(_run(tmp_path / "quick", ["--stages", "sft"]))
+    assert _sft_train_file(tools) is None and not (tmp_path / "quick" / "sft" / "data").exists()
+
+    tools.commands.clear()  # training files of the user's own are used as they are
+    own = "data.train_files=/data/own.parquet"
+    demo._run_stages(_run(tmp_path / "own", ["--preset", "full", "--stages", "sft", "--sft-override", own]))
+    assert _sft_train_file(tools) == "/data/own.parquet" and not (tmp_path / "own" / "sft" / "data").exists()
 
 
 def test_main_records_the_run_and_resumes_it(tmp_path, tools, monkeypatch):
