@@ -77,7 +77,7 @@ FULL = Preset(
     sft_overrides=(
         # all 166 teacher trajectories instead of 40 (~23 min an epoch on 2 cores)
         "data.train_max_samples=-1",
-        "trainer.total_epochs=2",  # 2 epochs: ~46 min plus validations, inside the 60 min budget
+        "trainer.total_epochs=2",  # 2 epochs of 222 rows (below): ~50 min plus validations on free cores (e02)
     ),
     # the 56 trajectories that search twice (bridge questions) twice over: 222 rows. On the 78 dev questions
     # (run e02 against e01, which trained on each once) bridge EM went 0.154 -> 0.269 and searches per
