@@ -57,6 +57,11 @@ class QueryEmbedder:
         self.metrics = metrics
         self.cache = EmbeddingCache(cache_size)
 
+    def use(self, encoder: TextEncoder) -> None:
+        """Encode with ``encoder`` from now on (same model, another backend); cached vectors are dropped."""
+        self.encoder = encoder
+        self.cache = EmbeddingCache(self.cache.capacity)
+
     def __call__(self, queries: list[str]) -> np.ndarray:
         vectors: list[np.ndarray | None] = [self.cache.get(q) for q in queries]
         missing = [i for i, v in enumerate(vectors) if v is None]
@@ -80,13 +85,24 @@ class DenseRetriever:
         self.searcher = searcher
         self.metrics = metrics
         self.embed = QueryEmbedder(encoder, metrics, cache_size)
-        self.cache = self.embed.cache
         self.ntotal = searcher.ntotal
         self.description = {"encoder": encoder.spec.name, "encoder_device": str(encoder.device),
-                            "search_device": searcher.device, "searcher": type(searcher).__name__}
+                            "encoder_backend": encoder.backend, "search_device": searcher.device,
+                            "searcher": type(searcher).__name__}
+
+    @property
+    def cache(self) -> EmbeddingCache:
+        return self.embed.cache
+
+    def use_encoder(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
+        self.embed.use(encoder)
+        self.description = {**self.description, "encoder_backend": encoder.backend}
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        vectors = self.embed(queries)
+        return self.search_vectors(self.embed(queries), k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         started = time.perf_counter()
         result = self.searcher.search(vectors, k)
         self.metrics.search_seconds.observe(time.perf_counter() - started)

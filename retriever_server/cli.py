@@ -19,6 +19,8 @@ import requests
 from retriever_server import environment
 from retriever_server.app import create_app
 from retriever_server.batcher import BatchingConfig
+from retriever_server.encoder_backends import AUTO_BACKEND, ENCODER_BACKENDS, REFERENCE_BACKEND, check_backend
+from retriever_server.encoder_choice import AGREEMENT_K, MIN_SET_AGREEMENT
 from retriever_server.environment import AUTH_TOKEN
 from retriever_server.http_server import ServingLimits, WaitressServer
 from retriever_server.searchers import SEARCH_BACKENDS, LoadOptions
@@ -62,6 +64,11 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--encoder", default=None, help="encoder override (must match the manifest's)")
     serve.add_argument("--encoder-device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     serve.add_argument("--encoder-batch-size", type=int, default=128)
+    serve.add_argument("--encoder-backend", choices=(AUTO_BACKEND, *ENCODER_BACKENDS), default=REFERENCE_BACKEND,
+                       help="how queries are encoded: torch (fp32, the reference the index was built with), "
+                            "torch-bf16, torch-int8, onnx, onnx-int8 (pip install 'ragr1-verl[onnx]'), or auto: "
+                            "each measured at start on this index, and the fastest that gives the reference's "
+                            f"top-{AGREEMENT_K} for >= {MIN_SET_AGREEMENT:.0%} of probe queries is used")
     serve.add_argument("--search-backend", choices=SEARCH_BACKENDS, default="auto",
                        help="auto: torch fp16 exact search on GPUs for Flat indexes, else faiss-gpu if "
                             "installed, else faiss on CPU")
@@ -145,7 +152,9 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
     from retriever_server.demo import ensure_demo_index
 
     index_dir = ensure_demo_index(args.demo_kind, show_progress=True) if args.demo else args.index
+    _check_encoder_backend(args)
     options = LoadOptions(encoder=args.encoder, encoder_device=args.encoder_device,
+                          encoder_backend=args.encoder_backend,
                           encoder_batch_size=args.encoder_batch_size, search_backend=args.search_backend,
                           search_devices=tuple(d for d in args.search_devices.split(",") if d),
                           omp_threads=args.omp_threads, torch_threads=args.torch_threads, nprobe=args.nprobe,
@@ -156,6 +165,17 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
                               request_timeout_s=args.request_timeout)
     return RetrievalService(index_dir, options, batching)
+
+
+def _check_encoder_backend(args: argparse.Namespace) -> None:
+    try:
+        check_backend(args.encoder_backend)
+    except ValueError as err:
+        raise SystemExit(f"error: --encoder-backend: {err}") from None
+    if args.encoder_backend == AUTO_BACKEND and args.ray and args.encoder_replicas:
+        raise SystemExit("error: --encoder-backend auto measures the backends in the serving process; with "
+                         "--encoder-replicas, name the backend the replicas run (measure them with "
+                         "benchmarks/bench_encoders.py)")
 
 
 def _ray_deployer(args: argparse.Namespace):

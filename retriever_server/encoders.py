@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retriever_server.encoder_backends import REFERENCE_BACKEND, make_forward
+
 logger = logging.getLogger(__name__)
 
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
@@ -130,26 +132,30 @@ def model_fingerprint(model_dir: str) -> str:
 
 
 class TextEncoder:
-    """A transformers encoder that turns queries or passages into float32 vectors."""
+    """Queries or passages to float32 vectors: the spec's prefixes, the tokenizer, then a backend's forward pass
+    (:mod:`retriever_server.encoder_backends`; ``torch``, fp32, is the reference an index is built with)."""
 
-    def __init__(self, spec: EncoderSpec, device: str = "auto", batch_size: int = 128, fp16: bool | None = None):
+    def __init__(self, spec: EncoderSpec, device: str = "auto", batch_size: int = 128, fp16: bool | None = None,
+                 backend: str = REFERENCE_BACKEND):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.spec = spec
+        self.backend = backend
         self.model_dir = resolve_model_path(spec.name)
         self.fingerprint = model_fingerprint(self.model_dir)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        use_fp16 = self.device.type == "cuda" if fp16 is None else fp16
         self.batch_size = batch_size
-        self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModel.from_pretrained(self.model_dir)
-        self.model = (model.half() if use_fp16 else model).to(self.device).eval()
-        self.dim = int(self.model.config.hidden_size)
-        logger.info("loaded encoder %s (%s pooling, dim %d) on %s", spec.name, spec.pooling, self.dim, device)
+        self.input_names = tuple(self.tokenizer(["probe"], return_tensors="np"))
+        use_fp16 = self.device.type == "cuda" if fp16 is None else fp16
+        self.forward = make_forward(backend, self.model_dir, spec.pooling, spec.normalize, device=device,
+                                    input_names=self.input_names, threads=torch.get_num_threads(), fp16=use_fp16)
+        self.dim = int(AutoConfig.from_pretrained(self.model_dir).hidden_size)
+        logger.info("loaded encoder %s (%s pooling, dim %d) on %s, backend %s", spec.name, spec.pooling, self.dim,
+                    device, backend)
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
         return self._encode([self.spec.query_prefix + q for q in queries])
@@ -164,17 +170,6 @@ class TextEncoder:
         return np.concatenate(chunks, axis=0)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,
-                               return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
-            if self.spec.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            pooled = pooled.float()
-            if self.spec.normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.cpu().numpy()
+                               return_tensors="np")
+        return np.asarray(self.forward(dict(batch)), dtype=np.float32)

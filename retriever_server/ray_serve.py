@@ -113,10 +113,11 @@ class ShardReplica:
 class EncoderReplica:
     """One query-encoder replica (the Ray Serve deployment class)."""
 
-    def __init__(self, spec: dict, device: str, batch_size: int):
+    def __init__(self, spec: dict, device: str, batch_size: int, backend: str = "torch"):
         from retriever_server.encoders import TextEncoder
 
-        self.encoder = TextEncoder(EncoderSpec.from_dict(spec), device=device, batch_size=batch_size)
+        self.encoder = TextEncoder(EncoderSpec.from_dict(spec), device=device, batch_size=batch_size,
+                                   backend=backend)
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
         return self.encoder.encode_queries(queries)
@@ -260,7 +261,8 @@ def _application(index_dir: Path, manifest: Manifest, infos: list[ShardInfo], op
         encoder_actor = {"num_cpus": 1, "num_gpus": 1 if placement.encoder_device.startswith("cuda") else 0}
         encoder = [serve.deployment(EncoderReplica, name=ENCODER_DEPLOYMENT, num_replicas=placement.encoder_replicas,
                                     ray_actor_options=encoder_actor)
-                   .bind(manifest.encoder["spec"], placement.encoder_device, options.encoder_batch_size)]
+                   .bind(manifest.encoder["spec"], placement.encoder_device, options.encoder_batch_size,
+                         options.encoder_backend)]
     return serve.deployment(Directory, name="directory", ray_actor_options={"num_cpus": 0}).bind(*shards, *encoder)
 
 

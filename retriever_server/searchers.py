@@ -30,6 +30,7 @@ class LoadOptions:
 
     encoder: str | None = None  # default: the encoder named in the manifest
     encoder_device: str = "auto"
+    encoder_backend: str = "torch"  # fp32 reference; "auto": the fastest that keeps its results (encoder_choice)
     encoder_batch_size: int = 128
     search_backend: str = "auto"
     search_devices: tuple[str, ...] = ()  # torch backend; default: every visible GPU

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from retriever_server.backends import DenseRetriever, LexicalRetriever, QueryEmbedder, Retriever
 from retriever_server.batcher import BatchingConfig, DynamicBatcher
 from retriever_server.bm25 import Bm25Searcher
@@ -18,8 +20,20 @@ from retriever_server.cpus import log_thread_counts, usable_cpus
 from retriever_server.dense import (
     cuda_devices,
 )
+from retriever_server.encoder_backends import AUTO_BACKEND, REFERENCE_BACKEND
+from retriever_server.encoder_choice import (
+    MIN_SET_AGREEMENT,
+    PROBE_QUERIES,
+    choose,
+    describe,
+    probe_queries,
+    run_trials,
+    spread_positions,
+)
 from retriever_server.encoders import EncoderSpec, TextEncoder
 from retriever_server.manifest import (
+    PROBE_MIN_COSINE,
+    PROBE_MIN_COSINE_LOW_PRECISION,
     PROBE_SENTENCE,
     Manifest,
     ManifestError,
@@ -62,6 +76,7 @@ class RetrievalService:
         self.batcher: DynamicBatcher | None = None
         self.document_json: DocumentJson | None = None
         self.threads: dict[str, int] | None = None
+        self.encoder_trials: dict | None = None  # --encoder-backend auto: what was measured and chosen
         self._loading_status = lambda: None  # while Ray Serve deploys the shards: their states
         self._on_failure = None  # load_in_background's: also told when the connection to Ray is lost for good
 
@@ -107,6 +122,8 @@ class RetrievalService:
                 corpus = Corpus(corpus_path)
                 check_corpus(manifest, corpus_path, len(corpus))
                 retriever = self._load_retriever(manifest)
+            if self.options.encoder_backend == AUTO_BACKEND and manifest.encoder:
+                self._choose_encoder_backend(manifest, retriever, corpus)
         except Exception as err:
             self.state, self.error = "failed", str(err)
             raise
@@ -167,13 +184,35 @@ class RetrievalService:
                                 f"{manifest.corpus['count']} passages")
         return DenseRetriever(encoder, searcher, self.metrics, self.options.cache_size)
 
-    def _load_encoder(self, manifest: Manifest) -> TextEncoder:
+    def _load_encoder(self, manifest: Manifest, backend: str | None = None) -> TextEncoder:
+        """The query encoder on ``backend`` (default: the options'; ``auto`` starts with the reference), checked
+        against the manifest: the same model, and the same vector for the probe sentence (closely enough for
+        a lower-precision backend)."""
         spec = EncoderSpec.from_dict(manifest.encoder["spec"])
         if self.options.encoder:
             spec = EncoderSpec.from_dict({**spec.to_dict(), "name": self.options.encoder})
-        encoder = TextEncoder(spec, device=self.options.encoder_device, batch_size=self.options.encoder_batch_size)
-        check_encoder(manifest, spec.name, encoder.fingerprint, encoder.encode_queries([PROBE_SENTENCE])[0])
+        backend = backend or self.options.encoder_backend
+        if backend == AUTO_BACKEND:
+            backend = REFERENCE_BACKEND
+        encoder = TextEncoder(spec, device=self.options.encoder_device, batch_size=self.options.encoder_batch_size,
+                              backend=backend)
+        check_encoder(manifest, spec.name, encoder.fingerprint, encoder.encode_queries([PROBE_SENTENCE])[0],
+                      min_cosine=PROBE_MIN_COSINE if backend == REFERENCE_BACKEND else PROBE_MIN_COSINE_LOW_PRECISION)
         return encoder
+
+    def _choose_encoder_backend(self, manifest: Manifest, retriever, corpus) -> None:
+        """``--encoder-backend auto``: every backend measured against the reference on probe queries from
+        this corpus and index; the fastest that keeps the reference's top-k is used (encoder_choice)."""
+        queries = probe_queries([document["contents"] for document in corpus.documents(_probe_positions(retriever,
+                                                                                                          corpus))])
+        trials, encoders = run_trials(lambda backend: self._load_encoder(manifest, backend),
+                                      lambda vectors, k: retriever.search_vectors(vectors, k)[1], queries,
+                                      reference=retriever.embed.encoder)
+        chosen = choose(trials)
+        logger.info("%s", describe(trials, chosen, MIN_SET_AGREEMENT))
+        retriever.use_encoder(encoders[chosen.backend])
+        self.encoder_trials = {"chosen": chosen.backend, "probe_queries": len(queries),
+                               "trials": [trial.as_dict() for trial in trials]}
 
     def _load_sharded(self, manifest: Manifest) -> ShardedRetriever:
         """Every shard loaded and checked on its own, in this process or as Ray Serve deployments."""
@@ -231,6 +270,7 @@ class RetrievalService:
             "index_dir": str(self.index_dir),
             "shards": _shard_status(self.batcher.retriever) if self.batcher else self._loading_status(),
             "threads": self.threads,
+            **({"encoder_backends": self.encoder_trials} if self.encoder_trials else {}),
             **({"ray": connection.describe()} if connection is not None else {}),
             "uptime_s": round(time.time() - self.started, 3),
         }
@@ -243,6 +283,17 @@ class RetrievalService:
                 close()
         if self.options.deployer is not None:  # also when stopped while loading: Ray's processes end with us
             self.options.deployer.leave()
+
+
+def _probe_positions(retriever, corpus) -> list[int]:
+    """Passages to make probe queries from: spread over the corpus, or for a sharded index (whose documents
+    are known once a search has returned them) those that random directions find."""
+    if not isinstance(corpus, ShardedCorpus):
+        return spread_positions(len(corpus))
+    vectors = np.random.default_rng(0).standard_normal((PROBE_QUERIES, retriever.embed.encoder.dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    positions = retriever.search_vectors(vectors.astype(np.float32), 1)[1].ravel()
+    return np.unique(positions[positions >= 0]).tolist()
 
 
 def _shard_status(retriever) -> dict[str, str] | None:

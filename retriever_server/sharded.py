@@ -151,15 +151,22 @@ class ShardedRetriever:
         self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="ragr1-scatter")
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        payload = self.embed(queries) if self.embed is not None else list(queries)
+        return self.search_vectors(self.embed(queries) if self.embed is not None else list(queries), k)
+
+    def use_encoder(self, encoder) -> None:
+        self.embed.use(encoder)
+        self.description = {**self.description, "encoder_backend": encoder.backend}
+
+    def search_vectors(self, payload: np.ndarray | list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The merged top-k of every shard for query vectors (or, for BM25, query texts)."""
         started = time.perf_counter()
         futures = [(shard, self._pool.submit(shard.search, payload, k)) for shard in self.shards]
         per_shard = [self._result(shard, future) for shard, future in futures]
         merged = merge_hits(per_shard, k)
         self.metrics.search_seconds.observe(time.perf_counter() - started)
         self.cache.put(merged)
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        positions = np.full((len(queries), k), -1, dtype=np.int64)
+        scores = np.full((len(payload), k), -np.inf, dtype=np.float32)
+        positions = np.full((len(payload), k), -1, dtype=np.int64)
         for row, hits in enumerate(merged):
             scores[row, :len(hits)] = [hit[0] for hit in hits]
             positions[row, :len(hits)] = [hit[1] for hit in hits]

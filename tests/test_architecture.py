@@ -41,12 +41,13 @@ LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("base: corpus, encoders, searchers' kernels, metrics", (
             "retriever_server", "retriever_server.corpus", "retriever_server.cpus", "retriever_server.heap",
             "retriever_server.metrics", "retriever_server.responses", "retriever_server.wire",
-            "retriever_server.encoders", "retriever_server.bm25", "retriever_server.dense",
+            "retriever_server.encoders", "retriever_server.encoder_backends", "retriever_server.bm25",
+            "retriever_server.dense",
             "retriever_server.supervisor", "retriever_server.environment")),
         ("index folders: manifest, shards, plans, loading, batching", (
             "retriever_server.manifest", "retriever_server.sharding", "retriever_server.sharded",
             "retriever_server.backends", "retriever_server.plan", "retriever_server.builder",
-            "retriever_server.searchers", "retriever_server.batcher")),
+            "retriever_server.searchers", "retriever_server.batcher", "retriever_server.encoder_choice")),
         ("serving: the service, Ray Serve shards, the HTTP app", (
             "retriever_server.service", "retriever_server.ray_serve", "retriever_server.app",
             "retriever_server.http_server")),
