@@ -227,9 +227,11 @@ def measure_scans(flat, query_vectors: np.ndarray, args: argparse.Namespace) -> 
         index.train(vectors)
         index.add(vectors)
         variants[name] = index
-    refine = faiss.IndexRefineFlat(variants["SQ8"])
+    coarse = faiss.index_factory(flat.d, "SQ8", faiss.METRIC_INNER_PRODUCT)
+    coarse.train(vectors)
+    refine = faiss.IndexRefineFlat(coarse)  # SQ8 codes plus an fp32 copy to re-rank its candidates with
     refine.k_factor = args.rerank_factor
-    refine.add(vectors)  # the refine index keeps its own fp32 copy
+    refine.add(vectors)
     variants[f"SQ8+re-rank x{args.rerank_factor}"] = refine
     rows = {}
     for name, index in variants.items():
