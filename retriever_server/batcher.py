@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests become one encoder batch and one index search.
 
 HTTP threads hand their queries to a single search thread. It takes whatever is queued (waiting at most
-``max_wait_ms`` for more once the first request arrives), deduplicates identical query strings across the
+``max_wait_ms`` for more once the first request arrives, when other clients are active: a lone client's
+request is searched at once), deduplicates identical query strings across the
 batch and searches once with the largest ``topk`` asked for. One thread owns the encoder and the index, so
 torch and faiss never contend with each other for the cores.
 
@@ -27,6 +28,9 @@ from retriever_server.heap import HeapTrimmer
 from retriever_server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+
+BATCH_SIZE_SMOOTHING = 0.2  # weight of the newest batch in the moving average of requests per batch
+MIN_REQUESTS_PER_BATCH_TO_WAIT = 1.2  # below: the recent batches were single requests (a lone client)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class DynamicBatcher:
                          threading.Thread(target=self._finish_batches, name="ragr1-finisher", daemon=True)]
         self._stopped = threading.Event()
         self._warned: dict[str, float] = {}  # expected failures logged recently, and when
+        self._in_flight = 0  # requests between search() and their answer
+        self._in_flight_lock = threading.Lock()
+        self._requests_per_batch = 1.0  # moving average: are several clients active?
         self.heap = HeapTrimmer(enabled=config.trim_heap)
 
     def start(self) -> None:
@@ -102,8 +109,14 @@ class DynamicBatcher:
         if self._stopped.is_set():
             raise BatcherStopped("the retriever is shutting down")
         request = _Request(queries, k, Future(), time.perf_counter())
-        self._queue.put(request)
-        return request.future.result(timeout=self.config.request_timeout_s)
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            self._queue.put(request)
+            return request.future.result(timeout=self.config.request_timeout_s)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
     def _run(self) -> None:
         try:
@@ -125,7 +138,7 @@ class DynamicBatcher:
         if first is None:
             return []
         batch, size = [first], len(first.queries)
-        deadline = time.perf_counter() + self.config.max_wait_ms / 1000
+        deadline = time.perf_counter() + self._wait_s()
         while size < self.config.max_batch_queries:
             remaining = deadline - time.perf_counter()
             try:
@@ -137,7 +150,14 @@ class DynamicBatcher:
                 break
             batch.append(item)
             size += len(item.queries)
+        self._requests_per_batch += BATCH_SIZE_SMOOTHING * (len(batch) - self._requests_per_batch)
         return batch
+
+    def _wait_s(self) -> float:
+        """How long a batch waits to fill: ``max_wait_ms`` while other clients are active (another request in
+        flight, or recent batches held several); none for a lone client, which nobody could join."""
+        others = self._in_flight > 1 or self._requests_per_batch > MIN_REQUESTS_PER_BATCH_TO_WAIT
+        return self.config.max_wait_ms / 1000 if others else 0.0
 
     def _process(self, batch: list[_Request]) -> None:
         started = time.perf_counter()

@@ -50,7 +50,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="on SIGTERM, seconds the requests already received may take to be answered")
     serve.add_argument("--max-batch-queries", type=int, default=512, help="most distinct queries per batch")
-    serve.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait for a batch to fill")
+    serve.add_argument("--max-wait-ms", type=float, default=1.0,
+                       help="longest wait for a batch to fill, while other clients are active")
     serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a queued request fails")
     serve.add_argument("--cache-size", type=int, default=100_000, help="query embeddings kept in the LRU cache")
     serve.add_argument("--document-cache-mib", type=float, default=64.0,

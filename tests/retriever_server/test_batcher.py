@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -68,6 +69,20 @@ def test_concurrent_requests_share_batches_and_identical_queries_are_searched_on
     for answer in results:
         assert answer.scores.shape == answer.positions.shape == (2, 3)
         np.testing.assert_array_equal(answer.positions[0], alone[1][0])
+
+
+def test_a_lone_client_is_not_made_to_wait_for_a_batch_to_fill(dense_retriever):
+    """With nobody else in flight, the wait window is skipped; once several clients are active it is used."""
+    recorder = RecordingRetriever(dense_retriever)
+    batcher = _batcher(recorder, max_wait_ms=400)
+    batcher.search(["warm-up"], 3)
+    started = time.perf_counter()
+    for number in range(5):
+        batcher.search([f"lone query {number}"], 3)
+    assert (time.perf_counter() - started) / 5 < 0.2  # each well under the 400 ms window
+    results = _concurrently(batcher, [([f"busy query {number}"], 3) for number in range(8)])
+    batcher.stop()
+    assert len(results) == 8 and len(recorder.calls) < 6 + 8  # the concurrent ones still shared batches
 
 
 def test_each_request_gets_its_own_topk_from_a_shared_search(dense_retriever):
