@@ -78,6 +78,9 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: the CPUs this process may use, from affinity and cgroup quota)")
     serve.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
     serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
+    serve.add_argument("--rerank-factor", type=int, default=None,
+                       help="an index built with a re-rank stage (e.g. --index-type 'SQ8,RFlat'): candidates per "
+                            "result the fp32 copy re-ranks (faiss default 1)")
     serve.add_argument("--corpus", default=None, help="a corpus.arrow to use instead of the index folder's")
     serve.add_argument("--no-mmap", action="store_true",
                        help="read the faiss index into memory instead of memory-mapping its codes")
@@ -159,7 +162,8 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
                           encoder_batch_size=args.encoder_batch_size, search_backend=args.search_backend,
                           search_devices=tuple(d for d in args.search_devices.split(",") if d),
                           omp_threads=args.omp_threads, torch_threads=args.torch_threads, nprobe=args.nprobe,
-                          ef_search=args.ef_search, corpus=args.corpus, verify_checksums=args.verify_checksums,
+                          ef_search=args.ef_search, rerank_factor=args.rerank_factor, corpus=args.corpus,
+                          verify_checksums=args.verify_checksums,
                           cache_size=args.cache_size, document_cache_mib=args.document_cache_mib,
                           mmap_index=not args.no_mmap, check_memory=not args.skip_memory_check,
                           reserve_memory_gib=args.reserve_memory_gib, deployer=_ray_deployer(args))

@@ -72,7 +72,7 @@ class FaissSearcher:
     """A faiss index with explicit thread control for small and large batches."""
 
     def __init__(self, index, *, omp_threads: int, small_batch: int = 16, nprobe: int | None = None,
-                 ef_search: int | None = None, on_gpu: bool = False):
+                 ef_search: int | None = None, rerank_factor: int | None = None, on_gpu: bool = False):
         import faiss
 
         self._faiss = faiss
@@ -84,7 +84,8 @@ class FaissSearcher:
         # Below this many queries faiss searches query by query; the BLAS path is much faster from 1 query up.
         faiss.cvar.distance_compute_blas_threshold = 1
         space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
-        for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        # k_factor_rf: candidates per result an IndexRefine (e.g. "SQ8,RFlat") re-ranks with its fp32 copy
+        for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor_rf", rerank_factor)):
             if value is not None:
                 _set_search_parameter(space, index, name, value)
 

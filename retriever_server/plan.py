@@ -41,7 +41,7 @@ CUDA_CONTEXT_BYTES = 512 * MIB  # about a CUDA context's size: each shard replic
 FAISS_GPU_TEMP_BYTES = 1536 * MIB  # faiss-gpu's default temporary memory on a GPU of more than 8 GiB
 SHARD_DEVICES = ("cpu", "cuda")
 SUPPORTED_SHAPE_TYPES = ("Flat", "IDMap,Flat", "HNSW<M>[,Flat]", "IVF<n>,Flat", "IVF<n>,PQ<m>[x<bits>]",
-                         "SQ8", "IVF<n>,SQ8")
+                         "SQ8", "SQfp16", "SQ8,RFlat", "IVF<n>,SQ8")
 _BM25_PER_TERM_PREFIX = "indptr"  # one entry per vocabulary term: every BM25 shard holds it whole
 
 
@@ -213,6 +213,10 @@ def _shape_bytes(index_type: str, dim: int, device: str) -> tuple[int, int]:
         return (subquantizers * bits + 7) // 8, centroids + (2 ** bits) * dim * 4
     if spec == "SQ8":
         return dim, 2 * dim * 4  # one byte per component; per-component min and range
+    if spec == "SQfp16":
+        return 2 * dim, 0
+    if spec == "SQ8,RFlat":
+        return dim + 4 * dim, 2 * dim * 4  # SQ8 codes plus the fp32 copy its candidates are re-ranked with
     raise ValueError(f"unsupported index type {index_type!r}: supported are "
                      f"{', '.join(SUPPORTED_SHAPE_TYPES)}")
 

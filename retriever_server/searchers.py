@@ -38,6 +38,7 @@ class LoadOptions:
     torch_threads: int = 0  # 0: the same
     nprobe: int | None = None
     ef_search: int | None = None
+    rerank_factor: int | None = None  # a "...,RFlat" index: candidates per result re-ranked in fp32
     corpus: str | None = None  # default: corpus.arrow in the index folder
     verify_checksums: bool = False
     cache_size: int = 100_000
@@ -76,4 +77,5 @@ def load_searcher(index_dir: Path, manifest: Manifest, options: LoadOptions):
     omp_threads = options.omp_threads or usable_cpus()
     return FaissSearcher.load(index_dir, use_gpu=backend == "faiss-gpu", mmap=options.mmap_index,
                               omp_threads=omp_threads,
-                              nprobe=options.nprobe, ef_search=options.ef_search)
+                              nprobe=options.nprobe, ef_search=options.ef_search,
+                              rerank_factor=options.rerank_factor)

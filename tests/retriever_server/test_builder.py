@@ -96,6 +96,8 @@ def _queries(encoder: TextEncoder) -> np.ndarray:
     ("HNSW32", {"ef_search": 64}, 0.95),
     ("IVF16,Flat", {"nprobe": 4}, 0.8),
     ("SQ8", {}, 0.95),
+    ("SQfp16", {}, 0.99),  # half the bytes of Flat
+    ("SQ8,RFlat", {"rerank_factor": 4}, 0.99),  # SQ8's candidates re-ranked with the fp32 vectors
     ("IVF16,PQ96x4", {"nprobe": 16}, 0.6),  # 48 bytes a vector, as PQ48 with 8 bits, which trains for minutes
 ])
 def test_index_types_recall_against_flat(generated, tmp_path, index_type, options, min_recall):

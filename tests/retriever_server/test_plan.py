@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from retriever_server.builder import BuildOptions, build_index
@@ -123,6 +124,20 @@ def test_shape_sizes_per_index_type():
     assert plan_from_shape(count, dim, "SQ8", shard_device="cpu")[0].vector_bytes == dim * count + 2 * dim * 4
     gpu_pq = plan_from_shape(count, dim, "IVF4096,PQ64", shard_device="cuda")[0]
     assert gpu_pq.search == "faiss-gpu" and gpu_pq.resident_bytes > gpu_pq.vector_bytes + gpu_pq.id_bytes
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "SQ8", "SQfp16", "SQ8,RFlat"])
+def test_the_planned_bytes_of_flat_and_scalar_quantized_indexes_are_what_faiss_writes(tmp_path, index_type):
+    import faiss
+
+    dim, count = 64, 4000
+    vectors = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
+    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(tmp_path / "index.faiss"))
+    planned = plan_from_shape(count, dim, index_type, shard_device="cpu")[0].vector_bytes
+    assert planned == pytest.approx((tmp_path / "index.faiss").stat().st_size, rel=0.05)
 
 
 def test_unknown_or_impossible_index_types_are_refused():
