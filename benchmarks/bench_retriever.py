@@ -531,6 +531,25 @@ def measure_large_request(args: argparse.Namespace, url: str, retriever, stream:
             "error_samples": served["errors"][:5]}
 
 
+def measure_fp32_raw_limit(service, stream: QueryStream, args: argparse.Namespace) -> dict | None:
+    """With another encoder backend, the raw limit of the fp32 reference on the same index, in the same run
+    (the ratio the backend is judged by); None when the service runs the reference itself."""
+    from types import SimpleNamespace
+
+    from retriever_server.encoders import TextEncoder
+
+    retriever = service.batcher.retriever
+    backend = getattr(getattr(retriever, "encoder", None), "backend", "torch")
+    if backend == "torch":
+        return None
+    print(f"measuring the raw limit of the fp32 reference (the service runs {backend}) ...", flush=True)
+    reference = TextEncoder(retriever.encoder.spec, device="cpu", batch_size=args.encoder_batch_size)
+    raw = measure_raw_limit(SimpleNamespace(encoder=reference, searcher=retriever.searcher), stream,
+                            args.raw_batches, args.raw_seconds, args.topk)
+    print_raw(raw)
+    return raw
+
+
 def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
     """Load the service, measure the raw limit, serve over HTTP and run every cell."""
     from retriever_server.app import create_app
@@ -539,7 +558,7 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
     from retriever_server.service import LoadOptions, RetrievalService
 
     options = LoadOptions(omp_threads=args.omp_threads, torch_threads=args.torch_threads,
-                         encoder_batch_size=args.encoder_batch_size)
+                         encoder_batch_size=args.encoder_batch_size, encoder_backend=args.encoder_backend)
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
                               trim_heap=not args.no_trim_heap)
     pin(args.server_cpus)  # before loading: the service sizes its thread pools from its affinity
@@ -552,6 +571,7 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
         raw = measure_raw_limit(service.batcher.retriever, stream, args.raw_batches, args.raw_seconds,
                                 args.topk)
         print_raw(raw)
+        fp32 = measure_fp32_raw_limit(service, stream, args)
         server = WaitressServer(create_app(service), host="127.0.0.1", port=0,
                                 limits=ServingLimits(threads=args.http_threads))
         server.start_in_thread()
@@ -560,8 +580,8 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
         rows, stream.next_fresh = run_cells(args, server.url, raw["best_queries_per_s"], stream.next_fresh)
         large = measure_large_request(args, server.url, service.batcher.retriever, stream) \
             if args.large_request else None
-        return {"index": describe_index(service), "threads": service.threads, "raw_limit": raw, "cells": rows,
-                "large_request": large}
+        return {"index": describe_index(service), "threads": service.threads, "raw_limit": raw,
+                "fp32_raw_limit": fp32, "cells": rows, "large_request": large}
     finally:
         if server is not None:
             server.stop()
@@ -634,7 +654,12 @@ def print_header(machine: dict, results: dict, args: argparse.Namespace) -> None
           f"torch_threads={args.torch_threads or 'usable CPUs'}, encoder batch={args.encoder_batch_size}, "
           f"topk={args.topk}, repeat fraction={args.repeat_fraction:g}")
     print(f"- raw batched encoder+search limit: {raw['best_queries_per_s']:.0f} queries/s "
-          f"(best of batches {', '.join(raw['per_batch'])}: batch {raw['best_batch']})\n")
+          f"(best of batches {', '.join(raw['per_batch'])}: batch {raw['best_batch']})")
+    fp32 = results.get("fp32_raw_limit")
+    if fp32:
+        print(f"- the fp32 reference's raw limit, same run: {fp32['best_queries_per_s']:.0f} queries/s; the "
+              f"backend's is {raw['best_queries_per_s'] / fp32['best_queries_per_s']:.2f}x")
+    print()
 
 
 def print_large(large: dict | None) -> None:
@@ -727,6 +752,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads (0: the CPUs the server may use)")
     server.add_argument("--encoder-batch-size", type=int, default=128, help="encoder forward-pass batch")
+    server.add_argument("--encoder-backend", default="torch",
+                        help="the server's encoder backend (torch, torch-bf16, torch-int8, onnx, onnx-int8, auto); "
+                             "another than torch also measures the fp32 reference's raw limit")
     server.add_argument("--no-trim-heap", action="store_true", help="no malloc_trim between batches")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
