@@ -238,7 +238,32 @@ def measure_scans(flat, query_vectors: np.ndarray, args: argparse.Namespace) -> 
         same_set, same_order = agreement(expected, index.search(query_vectors, K)[1])
         rows[name] = {"same_set": round(same_set, 4), "same_order": round(same_order, 4),
                       **_scan_times(index, query_vectors, args.batch)}
-    return {"vectors": flat.ntotal, "dim": flat.d, "per_index": rows}
+    return {"vectors": flat.ntotal, "dim": flat.d, "per_index": rows,
+            "flat_small_batches": blas_vs_direct(flat, query_vectors)}
+
+
+def blas_vs_direct(flat, query_vectors: np.ndarray, sizes=(1, 2, 3, 4, 8, 16), repeats: int = 20) -> dict:
+    """A flat scan of a few queries on faiss's direct path and on its BLAS path: median ms per call."""
+    import faiss
+
+    saved = faiss.cvar.distance_compute_blas_threshold
+    rows = {}
+    try:
+        for size in sizes:
+            row = {}
+            for path, threshold in (("direct", 10**9), ("blas", 1)):
+                faiss.cvar.distance_compute_blas_threshold = threshold
+                times = []
+                for number in range(repeats):
+                    chunk = query_vectors[number * size % len(query_vectors):][:size]
+                    started = time.perf_counter()
+                    flat.search(chunk, K)
+                    times.append(time.perf_counter() - started)
+                row[path] = round(statistics.median(times) * 1000, 3)
+            rows[str(size)] = row
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = saved
+    return rows
 
 
 def _scan_times(index, query_vectors: np.ndarray, batch: int, singles: int = 40) -> dict:
@@ -292,6 +317,8 @@ def print_report(results: dict) -> None:
                   f"| raw {row['batched_queries_per_s']:7.1f} q/s ({row['batched_vs_fp32']:.2f}x), "
                   f"{row['one_query_ms']:6.2f} ms one ({row['one_query_vs_fp32']:.2f}x)")
     scan = results["scan"]
+    print("\nflat scan of a few queries, direct vs BLAS path (ms): " + ", ".join(
+        f"{size}: {row['direct']:.2f} vs {row['blas']:.2f}" for size, row in scan["flat_small_batches"].items()))
     print(f"\nscans of {scan['vectors']} x {scan['dim']} vectors:")
     for name, row in scan["per_index"].items():
         print(f"  {name:<18} same set {row['same_set']:.3f}  order {row['same_order']:.3f}  "

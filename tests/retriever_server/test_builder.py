@@ -135,3 +135,16 @@ def test_bm25_build(generated, tmp_path):
     assert manifest.kind == "bm25" and manifest.index["ntotal"] == COUNT and manifest.encoder is None
     assert any(name.startswith("bm25/") for name in manifest.files)
     assert not (tmp_path / "bm25" / "bm25.partial").exists()
+
+
+def test_one_query_at_a_time_finds_what_a_batch_finds(generated):
+    """A few queries take faiss's direct scan, a batch its BLAS path (dense.BLAS_MIN_QUERIES): same passages."""
+    from retriever_server.dense import BLAS_MIN_QUERIES
+
+    _, flat, _ = generated
+    searcher = FaissSearcher.load(flat, use_gpu=False, omp_threads=1)
+    queries = _queries(TextEncoder(infer_encoder_spec("minilm"), device="cpu"))
+    assert len(queries) >= BLAS_MIN_QUERIES
+    _, batched = searcher.search(queries, 3)
+    alone = np.concatenate([searcher.search(queries[row:row + 1], 3)[1] for row in range(len(queries))])
+    np.testing.assert_array_equal(alone, batched)
