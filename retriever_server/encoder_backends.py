@@ -60,6 +60,26 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name in ENCODER_BACKENDS if not name.startswith("onnx") or onnx_available())
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from Linux's CPU flags; elsewhere
+    PyTorch's own check."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def auto_candidates() -> tuple[str, ...]:
+    """What ``auto`` measures: every backend that can run, but bf16 only where the CPU has bf16 units (it is
+    several times slower than fp32 elsewhere, and measuring it would only slow the start)."""
+    return tuple(name for name in available_backends() if name != "torch-bf16" or cpu_has_bf16_units())
+
+
 def check_backend(name: str) -> None:
     """Raise ValueError naming the choices, or what to install, for a backend that cannot run here."""
     if name not in (*ENCODER_BACKENDS, AUTO_BACKEND):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from retriever_server.encoder_backends import REFERENCE_BACKEND, available_backends
+from retriever_server.encoder_backends import REFERENCE_BACKEND, auto_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def run_trials(make_encoder: Callable[[str], object], search: Callable[[np.ndarr
                queries: Sequence[str], backends: Sequence[str] | None = None, k: int = AGREEMENT_K,
                reference: object | None = None, min_agreement: float | None = MIN_SET_AGREEMENT,
                ) -> tuple[list[Trial], dict[str, object]]:
-    """Every backend (default: those that can run here) against the reference; returns the trials and the
+    """Every backend (default: :func:`auto_candidates`) against the reference; returns the trials and the
     encoders that loaded, by backend. ``search(vectors, k)`` gives the ``[n, k]`` positions. A backend below
     ``min_agreement`` is not timed (it cannot be chosen); None times every backend."""
-    backends = list(backends or available_backends())
+    backends = list(backends or auto_candidates())
     if REFERENCE_BACKEND not in backends:
         backends.insert(0, REFERENCE_BACKEND)
     reference = reference or make_encoder(REFERENCE_BACKEND)
