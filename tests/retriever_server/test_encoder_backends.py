@@ -96,7 +96,7 @@ def test_agreement_on_the_demo_questions_is_measured_for_every_backend(encoders,
     import faiss
 
     index = faiss.read_index(str(demo_index / "index.faiss"))
-    questions = [question["question"] for question in demo_questions[:150]]
+    questions = [question["question"] for question in demo_questions[:100]]
     expected = index.search(encoders["torch"].encode_queries(questions), 3)[1]
     shares = {backend: agreement(expected, index.search(encoder.encode_queries(questions), 3)[1])
               for backend, encoder in encoders.items()}
