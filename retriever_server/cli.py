@@ -69,7 +69,7 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="how queries are encoded: torch (fp32, the reference the index was built with), "
                             "torch-bf16, torch-int8, onnx, onnx-int8 (pip install 'ragr1-verl[onnx]'), or auto: "
                             "each measured at start on this index, and the fastest that gives the reference's "
-                            f"top-{AGREEMENT_K} for >= {MIN_SET_AGREEMENT:.0%} of probe queries is used")
+                            f"top-{AGREEMENT_K} for >= {MIN_SET_AGREEMENT * 100:.0f}%% of probe queries is used")
     serve.add_argument("--search-backend", choices=SEARCH_BACKENDS, default="auto",
                        help="auto: torch fp16 exact search on GPUs for Flat indexes, else faiss-gpu if "
                             "installed, else faiss on CPU")
