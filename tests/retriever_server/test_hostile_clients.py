@@ -145,10 +145,22 @@ def test_requests_waiting_for_a_thread_log_nothing(demo_bm25_index, caplog):
     assert not [record for record in caplog.records if "queue depth" in record.getMessage()]
 
 
+class _SlowIndex:
+    """The real retriever, 1.5 s slower a search: the first search is still in flight when the second arrives
+    (a lone request is never held by the batching wait)."""
+
+    def __init__(self, inner):
+        self.inner, self.ntotal, self.description = inner, inner.ntotal, inner.description
+
+    def search(self, queries, k):
+        time.sleep(1.5)
+        return self.inner.search(queries, k)
+
+
 def test_searches_beyond_the_concurrency_cap_get_a_503_at_once(demo_bm25_index):
-    # A batching wait of 1.5 s keeps the first search in flight while the second arrives.
     with serving(demo_bm25_index, limits=RequestLimits(max_concurrent_requests=1),
-                 batching=BatchingConfig(max_wait_ms=1500, max_batch_queries=2)) as (url, _):
+                 batching=BatchingConfig(max_batch_queries=2)) as (url, service):
+        service.batcher.retriever = _SlowIndex(service.batcher.retriever)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(_retrieve, url)
             time.sleep(0.5)
