@@ -24,6 +24,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -201,12 +203,29 @@ def onnx_model(model_dir: str, pooling: str, normalize: bool, input_names: tuple
         if not fp32.is_file():
             logger.info("exporting %s to ONNX (once) in %s", model_dir, folder)
             with _published(fp32) as staging:
-                export_onnx(pooled_encoder(model_dir, pooling, normalize), input_names, staging)
+                _in_child("export", model_dir, pooling, str(normalize), ",".join(input_names), str(staging))
         if int8 and not quantized.is_file():
             logger.info("quantising the ONNX encoder to int8 (once) in %s", folder)
             with _published(quantized) as staging:
-                quantize_onnx(fp32, staging)
+                _in_child("quantize", str(fp32), str(staging))
     return quantized if int8 else fp32
+
+
+def _in_child(*argv: str) -> None:
+    """Export or quantise in a child process: the ``onnx`` package and the exporter never load into the
+    serving process (onnx's protobuf objects have crashed other processes at exit beside torch and Ray)."""
+    result = subprocess.run([sys.executable, "-m", __name__, *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ONNX {argv[0]} failed (exit code {result.returncode}): {result.stderr[-2000:]}")
+
+
+def _child_main(argv: list[str]) -> int:
+    if argv[0] == "export":
+        model_dir, pooling, normalize, names, path = argv[1:]
+        export_onnx(pooled_encoder(model_dir, pooling, normalize == "True"), tuple(names.split(",")), Path(path))
+    else:
+        quantize_onnx(Path(argv[1]), Path(argv[2]))
+    return 0
 
 
 def export_onnx(module, input_names: tuple[str, ...], path: Path) -> None:
@@ -251,3 +270,7 @@ def _published(target: Path) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

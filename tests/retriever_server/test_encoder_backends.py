@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,11 +64,12 @@ def test_every_backend_gives_normalised_float32_vectors_close_to_the_reference(e
 
 @ONNX
 def test_the_onnx_export_is_cached_and_reused(encoders, encoder_cache, monkeypatch):
+    assert "onnx" not in sys.modules  # exported and quantised in a child process
     files = sorted(encoder_cache.rglob("*.onnx"))
     assert [path.name for path in files] == ["model-int8.onnx", "model.onnx"]
     assert not [path for path in encoder_cache.rglob(".*.onnx")]  # no staging file left behind
     stamps = [path.stat().st_mtime_ns for path in files]
-    monkeypatch.setattr(encoder_backends, "export_onnx", lambda *args: pytest.fail("exported again"))
+    monkeypatch.setattr(encoder_backends, "_in_child", lambda *args: pytest.fail("exported again"))
     again = TextEncoder(infer_encoder_spec("minilm"), device="cpu", backend="onnx-int8")
     np.testing.assert_allclose(again.encode_queries(TEXTS), encoders["onnx-int8"].encode_queries(TEXTS), atol=1e-6)
     assert [path.stat().st_mtime_ns for path in files] == stamps
@@ -77,16 +79,16 @@ def test_the_onnx_export_is_cached_and_reused(encoders, encoder_cache, monkeypat
 def test_a_failed_export_leaves_nothing_and_the_next_start_exports(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_DIR, str(tmp_path))
 
-    def broken(module, names, path):
-        path.write_bytes(b"half an ONNX file")
-        raise RuntimeError("export died")
+    def broken(*argv):  # the child process died half-way through writing
+        Path(argv[-1]).write_bytes(b"half an ONNX file")
+        raise RuntimeError("ONNX export failed (exit code -9)")
 
-    real_export = encoder_backends.export_onnx
-    monkeypatch.setattr(encoder_backends, "export_onnx", broken)
-    with pytest.raises(RuntimeError, match="export died"):
+    real_child = encoder_backends._in_child
+    monkeypatch.setattr(encoder_backends, "_in_child", broken)
+    with pytest.raises(RuntimeError, match="export failed"):
         TextEncoder(infer_encoder_spec("minilm"), device="cpu", backend="onnx")
     assert not [path for path in tmp_path.rglob("*.onnx")]
-    monkeypatch.setattr(encoder_backends, "export_onnx", real_export)
+    monkeypatch.setattr(encoder_backends, "_in_child", real_child)
     assert TextEncoder(infer_encoder_spec("minilm"), device="cpu", backend="onnx").encode_queries(["x"]).shape == (1, 384)
 
 
