@@ -43,10 +43,12 @@ sys.path.insert(0, str(REPO_ROOT))  # our `benchmarks` and `tests` packages firs
 
 from benchmarks.bench_common import HelpFormatter, cpu_model  # noqa: E402
 from benchmarks.bench_retriever import CORPUS_VERSION, make_query, write_corpus  # noqa: E402
+from retriever_server import encoder_choice  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 K = 3
+ROUNDS, SINGLES = 5, 40  # timed batches, and single queries timed one at a time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,37 +177,20 @@ def measure_demo_recall(encoders: dict) -> dict:
     return {"questions": len(questions), "per_backend": recalls}
 
 
-def time_encoder(encoder, queries: list[str], batch: int, rounds: int = 5, singles: int = 40) -> dict:
-    batches = [queries[i * batch:(i + 1) * batch] for i in range(rounds)]
-    encoder.encode_queries(batches[0])  # warm-up
-    started = time.perf_counter()
-    for chunk in batches:
-        encoder.encode_queries(chunk)
-    batched = rounds * batch / (time.perf_counter() - started)
-    alone = []
-    for query in queries[:singles]:
-        started = time.perf_counter()
-        encoder.encode_queries([query])
-        alone.append(time.perf_counter() - started)
-    return {"batched_queries_per_s": round(batched, 1), "one_query_ms": round(statistics.median(alone) * 1000, 2)}
+def time_encoder(encoder, queries: list[str], batch: int) -> dict:
+    """The encoder alone: queries/s on batches of ``batch`` and one query's median ms."""
+    qps, one_ms = encoder_choice.time_encoder(encoder.encode_queries, queries, batch=batch, rounds=ROUNDS,
+                                              singles=SINGLES)
+    return {"batched_queries_per_s": round(qps, 1), "one_query_ms": round(one_ms, 2)}
 
 
-def raw_limits(encoders: dict, index, queries: list[str], batch: int, rounds: int = 5, singles: int = 40) -> dict:
+def raw_limits(encoders: dict, index, queries: list[str], batch: int) -> dict:
     """Encode + search per backend: batched queries/s and one query's ms, and the ratio to fp32."""
     rows = {}
     for name, encoder in encoders.items():
-        index.search(encoder.encode_queries(queries[:batch]), K)
-        started = time.perf_counter()
-        for number in range(rounds):
-            index.search(encoder.encode_queries(queries[number * batch:(number + 1) * batch]), K)
-        batched = rounds * batch / (time.perf_counter() - started)
-        alone = []
-        for query in queries[:singles]:
-            started = time.perf_counter()
-            index.search(encoder.encode_queries([query]), K)
-            alone.append(time.perf_counter() - started)
-        rows[name] = {"batched_queries_per_s": round(batched, 1),
-                      "one_query_ms": round(statistics.median(alone) * 1000, 2)}
+        qps, one_ms = encoder_choice.time_encoder(lambda texts, e=encoder: index.search(e.encode_queries(texts), K),
+                                                  queries, batch=batch, rounds=ROUNDS, singles=SINGLES)
+        rows[name] = {"batched_queries_per_s": round(qps, 1), "one_query_ms": round(one_ms, 2)}
     reference = rows["torch"]
     for row in rows.values():
         row["batched_vs_fp32"] = round(row["batched_queries_per_s"] / reference["batched_queries_per_s"], 2)

@@ -66,21 +66,23 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     return float(np.mean(same_set)), float(np.mean(same_order))
 
 
-def time_encoder(encode: Callable[[list[str]], np.ndarray], queries: Sequence[str]) -> tuple[float, float]:
-    """Batched queries/s (batches of TIMING_BATCH, after one warm-up batch) and the median ms of one query."""
-    batch = list(queries[:TIMING_BATCH])
-    encode(batch)
+def time_encoder(encode: Callable[[list[str]], object], queries: Sequence[str], *, batch: int = TIMING_BATCH,
+                 rounds: int = TIMING_ROUNDS, singles: int = TIMING_SINGLES) -> tuple[float, float]:
+    """Queries/s of ``encode`` on up to ``rounds`` batches of ``batch`` queries (after one warm-up batch) and
+    the median milliseconds of one query alone (``singles`` of them)."""
+    first = list(queries[:batch])
+    encode(first)
     started = time.perf_counter()
-    rounds = max(1, min(TIMING_ROUNDS, len(queries) // len(batch)))
+    rounds = max(1, min(rounds, len(queries) // len(first)))
     for number in range(rounds):
-        encode(list(queries[number * len(batch):(number + 1) * len(batch)]) or batch)
-    batched_qps = rounds * len(batch) / (time.perf_counter() - started)
-    singles = []
-    for query in queries[:TIMING_SINGLES]:
+        encode(list(queries[number * len(first):(number + 1) * len(first)]) or first)
+    batched_qps = rounds * len(first) / (time.perf_counter() - started)
+    alone = []
+    for query in queries[:singles]:
         started = time.perf_counter()
         encode([query])
-        singles.append(time.perf_counter() - started)
-    return batched_qps, float(np.median(singles) * 1000)
+        alone.append(time.perf_counter() - started)
+    return batched_qps, float(np.median(alone) * 1000)
 
 
 def run_trials(make_encoder: Callable[[str], object], search: Callable[[np.ndarray, int], np.ndarray],
