@@ -783,17 +783,30 @@ def _eval_stage(run: Run) -> None:
 
 def comparisons(labels: Sequence[str]) -> list[tuple[str, str]]:
     """(before, after) pairs of the table's EM differences: sft against base, and each RL seed against the
-    model it started from (sft, or base without stage 1); seeds are not compared with each other."""
+    model it started from (:func:`rl_start`); seeds are not compared with each other."""
     pairs = [("base", "sft")] if "base" in labels and "sft" in labels else []
-    start = "sft" if "sft" in labels else "base"
-    return pairs + [(start, label) for label in labels if label.startswith("rl-seed") and start in labels]
+    start = rl_start(labels)
+    return pairs + [(start, label) for label in rl_seeds(labels) if start in labels]
+
+
+def rl_start(labels: Sequence[str]) -> str:
+    """The model the RL seeds started from: sft, or base without stage 1."""
+    return "sft" if "sft" in labels else "base"
+
+
+def rl_seeds(labels: Sequence[str]) -> list[str]:
+    return [label for label in labels if label.startswith("rl-seed")]
 
 
 def eval_table(rows: Sequence[report.EvalRow]) -> str:
-    """:func:`report.eval_table`, its EM differences taken over :func:`comparisons` (where it has them)."""
+    """:func:`report.eval_table`, its EM differences taken over :func:`comparisons` (where it has them), and,
+    with several RL seeds, their difference pooled over the seeds."""
     labels = list(dict.fromkeys(row.label for row in rows))
     differences = [difference for before, after in comparisons(labels)
                    for difference in report.difference_rows([row for row in rows if row.label in (before, after)])]
+    seeds, start = rl_seeds(labels), rl_start(labels)
+    if len(seeds) > 1 and start in labels:
+        differences += report.pooled_difference_rows(rows, seeds, start)
     differences.sort(key=lambda difference: difference.group != "all")  # all questions first, as the models
     return report.eval_table(rows, differences)
 

@@ -193,19 +193,36 @@ def difference_rows(rows: Sequence[EvalRow]) -> list[DifferenceRow]:
     pairs = list(zip(labels, labels[1:]))
     # as the model rows: every pair on all questions, then each pair by question type
     order = [(pair, "all") for pair in pairs] + [(pair, g) for pair in pairs for g in groups if g != "all"]
-    out = []
-    for (before, after), group in order:
-        first, second = by_key.get((before, group)), by_key.get((after, group))
-        if first is None or second is None or not first.em_by_question or not second.em_by_question:
-            continue
-        try:
-            interval = stats.pooled_paired_difference([dict(second.em_by_question)], dict(first.em_by_question),
-                                                      labels=[after, before])
-        except ValueError as error:
-            logger.warning("no EM difference %s - %s (%s): %s", after, before, group, error)
-            continue
-        out.append(DifferenceRow(after, before, group, interval))
-    return out
+    found = (_difference(by_key, [after], before, group, after) for (before, after), group in order)
+    return [row for row in found if row is not None]
+
+
+def pooled_difference_rows(rows: Sequence[EvalRow], seeds: Sequence[str], before: str) -> list[DifferenceRow]:
+    """The seeds' runs (``rl-seed0``, ``rl-seed1``, ...) against ``before``, pooled over the seeds, overall and
+    per question type: each question's difference is averaged over the seeds before questions are resampled
+    (:func:`stats.pooled_paired_difference`), so the interval's ``n`` is the number of questions."""
+    by_key = {(row.label, row.group): row for row in rows}
+    groups = ["all", *(group for group in dict.fromkeys(row.group for row in rows) if group != "all")]
+    name = f"rl ({len(seeds)} seeds pooled)"
+    found = (_difference(by_key, seeds, before, group, name) for group in groups)
+    return [row for row in found if row is not None]
+
+
+def _difference(by_key: Mapping[tuple[str, str], EvalRow], afters: Sequence[str], before: str, group: str,
+                name: str) -> DifferenceRow | None:
+    """The paired difference of ``afters`` (pooled when several) against ``before`` on ``group``; ``None``
+    when a row is missing or the question sets differ (warned)."""
+    first = by_key.get((before, group))
+    seconds = [by_key.get((after, group)) for after in afters]
+    if first is None or not first.em_by_question or any(row is None or not row.em_by_question for row in seconds):
+        return None
+    try:
+        interval = stats.pooled_paired_difference([dict(row.em_by_question) for row in seconds],
+                                                  dict(first.em_by_question), labels=[*afters, before])
+    except ValueError as error:
+        logger.warning("no EM difference %s - %s (%s): %s", name, before, group, error)
+        return None
+    return DifferenceRow(name, before, group, interval)
 
 
 def eval_table(rows: Sequence[EvalRow], differences: Sequence[DifferenceRow] | None = None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import signal
 from pathlib import Path
@@ -350,6 +351,21 @@ def test_rl_seeds_are_compared_with_the_model_they_started_from_not_with_each_ot
     assert demo.comparisons(["base", "sft", "rl-seed0", "rl-seed1"]) == [
         ("base", "sft"), ("sft", "rl-seed0"), ("sft", "rl-seed1")]
     assert demo.comparisons(["base", "rl-seed2"]) == [("base", "rl-seed2")]
+
+
+def test_the_table_pools_the_rl_seeds_only_when_there_are_several():
+    questions = {f"q{i}?": "bridge" for i in range(4)}
+
+    def rows(label: str, correct: set[int]) -> list[report.EvalRow]:
+        records = [{"question": q, "em": float(i in correct), "f1": 0.0, "searches": 1, "queries": 1,
+                    "format_ok": True} for i, q in enumerate(questions)]
+        return report.eval_rows(label, records, 4.0, questions)
+
+    one_seed = rows("sft", {0}) + rows("rl-seed0", {0, 1})
+    assert "pooled" not in demo.eval_table(one_seed)
+    table = demo.eval_table(one_seed + rows("rl-seed1", {0, 1, 2, 3}))
+    assert re.search(r"rl \(2 seeds pooled\) - sft\s+4\s+\+0\.500 ", table)  # (1/4 + 3/4) / 2
+    assert re.search(r"rl-seed1 - sft\s+4\s+\+0\.750 ", table)
 
 
 # -- run.json ----------------------------------------------------------------------------------------------

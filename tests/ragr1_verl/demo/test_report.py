@@ -62,6 +62,28 @@ def test_differences_can_be_given_or_left_out_and_mismatched_questions_are_skipp
     assert "only in sft: 'question 11?'" in caplog.text
 
 
+def test_seeds_are_pooled_per_question_before_questions_are_resampled():
+    rows = report.eval_rows("sft", _records({0, 1}), 12.0, TYPES)
+    rows += report.eval_rows("rl-seed0", _records({0, 1}), 12.0, TYPES)  # no change
+    rows += report.eval_rows("rl-seed1", _records({0, 1, 2, 4, 6, 8}), 12.0, TYPES)  # 4 comparison questions gained
+    pooled = {d.group: d for d in report.pooled_difference_rows(rows, ["rl-seed0", "rl-seed1"], "sft")}
+    assert list(pooled) == ["all", "comparison", "bridge"]
+    overall = pooled["all"].difference
+    # each gained question counts half (one seed of two gained it), and n is the 12 questions, not 24
+    assert (overall.mean, overall.n) == (pytest.approx(4 * 0.5 / 12), 12)
+    assert overall.low >= 0.0 and overall.high <= 4 / 12
+    assert pooled["bridge"].difference == report.Interval(0.0, 0.0, 0.0, 6)
+    assert pooled["all"].name == "rl (2 seeds pooled) - sft"
+
+
+def test_seeds_with_other_questions_get_no_pooled_row(caplog):
+    rows = report.eval_rows("sft", _records({0}), 12.0, TYPES)
+    rows += report.eval_rows("rl-seed0", _records({0}), 12.0, TYPES)
+    rows += report.eval_rows("rl-seed1", _records({0})[:-1], 11.0, TYPES)
+    assert "all" not in {d.group for d in report.pooled_difference_rows(rows, ["rl-seed0", "rl-seed1"], "sft")}
+    assert "only in sft: 'question 11?'" in caplog.text
+
+
 def test_rl_rows_carry_the_running_mean_of_the_reward():
     metrics = {step: {"critic/score/mean": reward, "timing_s/step": 1.0}
                for step, reward in enumerate([0.0, 0.5, 1.0, 0.5, 0.0, 1.0, 1.0], start=1)}
