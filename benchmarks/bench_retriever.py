@@ -408,14 +408,19 @@ def run_large_requests(url: str, batches: list[list[str]], topk: int, client_cpu
     return {"latencies": latencies, "errors": errors}
 
 
+RETRIEVE_SECONDS = 'ragr1_retriever_request_seconds_{}{{endpoint="/retrieve"}}'  # .format("sum" | "count")
+
+
 def scrape_metrics(url: str) -> dict[str, float]:
-    """The unlabelled samples of ``/metrics`` (counters and histogram sums/counts) by name."""
+    """The samples of ``/metrics`` (counters and histogram sums/counts) by name: unlabelled ones, and the
+    ``/retrieve`` requests' handler seconds (:data:`RETRIEVE_SECONDS`); histogram buckets are left out."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
         text = reply.read().decode()
+    wanted = {RETRIEVE_SECONDS.format("sum"), RETRIEVE_SECONDS.format("count")}
     samples = {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
-        if name and not line.startswith("#") and "{" not in name:
+        if name and not line.startswith("#") and ("{" not in name or name in wanted):
             samples[name] = float(value)
     return samples
 
@@ -477,6 +482,7 @@ def summarize_cell(concurrency: int, per_request: int, raw: dict, client_mode: s
         "encode_ms_per_batch": 1000 * encode_s / batches if batches else 0.0,
         "queue_ms_avg": 1000 * m.get("ragr1_retriever_queue_seconds_sum", 0.0)
         / max(1.0, m.get("ragr1_retriever_queue_seconds_count", 0.0)),
+        "time_ms": request_time_breakdown(m, raw["latencies"]),
         "server_cpu_cores": raw["server_cpu_s"] / elapsed,
         "client_cpu_cores": raw["client_cpu_s"] / elapsed if client_mode == "process" else None,
         "other_cpu_cores": max(0.0, raw["machine_cpu_s"] - raw["server_cpu_s"]
@@ -671,6 +677,38 @@ def print_large(large: dict | None) -> None:
           f"{large['errors']} errors.")
 
 
+def request_time_breakdown(metrics: dict[str, float], latencies: list[float]) -> dict[str, float]:
+    """Where a request's time went, in mean milliseconds per request, from the server's ``/metrics`` deltas
+    and the client's latencies: ``queue`` (waiting for its batch), ``encode`` and ``search`` (per batch: with
+    one client a batch is one request), ``finish`` (the rest of the Flask handler: the hand-offs between
+    threads, the document lookup and the JSON body) and ``http`` (what the client saw beyond the handler:
+    waitress, the sockets and the client itself)."""
+    requests_seen = metrics.get(RETRIEVE_SECONDS.format("count"), 0.0)
+    batches = metrics.get("ragr1_retriever_batch_queries_count", 0.0)
+    if not requests_seen or not batches or not latencies:
+        return {}
+    handler = 1000 * metrics.get(RETRIEVE_SECONDS.format("sum"), 0.0) / requests_seen
+    queue_ms = 1000 * metrics.get("ragr1_retriever_queue_seconds_sum", 0.0) \
+        / max(1.0, metrics.get("ragr1_retriever_queue_seconds_count", 0.0))
+    encode = 1000 * metrics.get("ragr1_retriever_encode_seconds_sum", 0.0) / batches
+    search = 1000 * metrics.get("ragr1_retriever_search_seconds_sum", 0.0) / batches
+    client = 1000 * sum(latencies) / len(latencies)
+    return {"client": client, "handler": handler, "queue": queue_ms, "encode": encode, "search": search,
+            "finish": handler - queue_ms - encode - search, "http": client - handler}
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    """The time of a lone client's request, part by part (the cells of concurrency 1)."""
+    for row in rows:
+        parts = row.get("time_ms")
+        if row["concurrency"] != 1 or not parts:
+            continue
+        print(f"\nOne client, {row['queries_per_request']} q/request, mean {parts['client']:.2f} ms a request: "
+              + ", ".join(f"{name} {parts[name]:.2f}" for name in ("queue", "encode", "search", "finish", "http"))
+              + " ms (finish = the rest of the handler: thread hand-offs, document lookup, JSON; http = beyond "
+              "the handler: waitress, sockets, the client)")
+
+
 def print_table(rows: list[dict]) -> None:
     head = ["conc", "q/req", "req/s", "q/s", "% raw", "p50 ms", "p99 ms", "errors", "avg batch", "cache hit",
             "encoded q/s", "batcher busy", "server CPU", "client CPU", "other CPU"]
@@ -787,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine(args)
     print_header(machine, results, args)
     print_table(results["cells"])
+    print_breakdown(results["cells"])
     print_large(results["large_request"])
     errors = sum(row["errors"] for row in results["cells"]) + (results["large_request"] or {}).get("errors", 0)
     print(f"\n{errors} failed requests; total run time {time.perf_counter() - started:.0f} s")
