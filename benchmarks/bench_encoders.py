@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))  # our `benchmarks` and `tests` packages firs
 from benchmarks.bench_common import HelpFormatter, cpu_model  # noqa: E402
 from benchmarks.bench_retriever import CORPUS_VERSION, make_query, write_corpus  # noqa: E402
 from retriever_server import encoder_choice  # noqa: E402
+from retriever_server.cpus import cpu_flags  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -270,14 +271,7 @@ def describe_machine(args: argparse.Namespace) -> dict:
     import faiss
     import torch
 
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags() or frozenset()
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags], "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "faiss": faiss.__version__,

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
+from retriever_server.cpus import cpu_flags
 from retriever_server.environment import cache_root
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,9 @@ def available_backends() -> tuple[str, ...]:
 def cpu_has_bf16_units() -> bool:
     """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from Linux's CPU flags; elsewhere
     PyTorch's own check."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
+    flags = cpu_flags()
+    if flags is not None:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
     import torch
 
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from retriever_server.cpus import cgroup_cpu_quota, thread_pools, usable_cpus
+from retriever_server.cpus import cgroup_cpu_quota, cpu_flags, thread_pools, usable_cpus
 
 
 def _cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -72,3 +72,11 @@ def test_a_service_pinned_to_one_core_runs_one_thread_each(demo_index):
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts == {"usable_cpus": 1, "torch": 1, "faiss": 1, "searcher": 1}
     assert "threads: 1 usable CPU(s) of" in result.stderr
+
+
+def test_cpu_flags_are_read_from_the_first_flags_line_and_missing_file_means_unknown(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16", "amx_bf16"}
+    assert cpu_flags(tmp_path / "absent") is None
