@@ -12,6 +12,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,24 +147,27 @@ def test_requests_waiting_for_a_thread_log_nothing(demo_bm25_index, caplog):
 
 
 class _SlowIndex:
-    """The real retriever, 1.5 s slower a search: the first search is still in flight when the second arrives
-    (a lone request is never held by the batching wait)."""
+    """The real retriever, 3 s slower a search, saying when a search has started: the first search is still
+    in flight when the second arrives, however loaded the machine (a lone request is never held by the
+    batching wait)."""
 
     def __init__(self, inner):
         self.inner, self.ntotal, self.description = inner, inner.ntotal, inner.description
+        self.searching = threading.Event()
 
     def search(self, queries, k):
-        time.sleep(1.5)
+        self.searching.set()
+        time.sleep(3.0)
         return self.inner.search(queries, k)
 
 
 def test_searches_beyond_the_concurrency_cap_get_a_503_at_once(demo_bm25_index):
     with serving(demo_bm25_index, limits=RequestLimits(max_concurrent_requests=1),
                  batching=BatchingConfig(max_batch_queries=2)) as (url, service):
-        service.batcher.retriever = _SlowIndex(service.batcher.retriever)
+        slow = service.batcher.retriever = _SlowIndex(service.batcher.retriever)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(_retrieve, url)
-            time.sleep(0.5)
+            assert slow.searching.wait(timeout=60)
             second = _retrieve(url)
             assert second.status_code == 503 and "overloaded" in second.json()["error"]
             assert second.headers["Retry-After"] == "1"
@@ -215,4 +219,8 @@ def test_descriptors_past_1023_do_not_crash_the_server(demo_bm25_index, tmp_path
         for connection in hostile:
             connection.close()
         process.terminate()
-        process.wait(timeout=30)
+        try:  # a drain of up to 10 s, then 600 connections closed: slow on a loaded machine, but bounded
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
