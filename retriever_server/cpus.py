@@ -1,4 +1,4 @@
-"""How many CPUs this process may really use, and what its thread pools run with.
+"""How many CPUs this process may really use, what its thread pools run with, and the CPU's feature flags.
 
 ``os.cpu_count()`` counts the machine's cores. A server pinned by Slurm, Kubernetes or ``taskset`` may run
 on fewer (its affinity mask), or get a CPU quota from its cgroup; OpenMP and torch threads beyond that
@@ -16,8 +16,6 @@ logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
-
-
 CPUINFO = Path("/proc/cpuinfo")
 
 
