@@ -480,8 +480,7 @@ def summarize_cell(concurrency: int, per_request: int, raw: dict, client_mode: s
         "repeat_fraction_sent": raw["repeats"] / max(1, raw["queries"]),
         "batcher_busy": busy / elapsed,
         "encode_ms_per_batch": 1000 * encode_s / batches if batches else 0.0,
-        "queue_ms_avg": 1000 * m.get("ragr1_retriever_queue_seconds_sum", 0.0)
-        / max(1.0, m.get("ragr1_retriever_queue_seconds_count", 0.0)),
+        "queue_ms_avg": queue_ms_avg(m),
         "time_ms": request_time_breakdown(m, raw["latencies"]),
         "server_cpu_cores": raw["server_cpu_s"] / elapsed,
         "client_cpu_cores": raw["client_cpu_s"] / elapsed if client_mode == "process" else None,
@@ -677,6 +676,12 @@ def print_large(large: dict | None) -> None:
           f"{large['errors']} errors.")
 
 
+def queue_ms_avg(metrics: dict[str, float]) -> float:
+    """Mean milliseconds a request waited for its batch, from the ``/metrics`` deltas."""
+    return 1000 * metrics.get("ragr1_retriever_queue_seconds_sum", 0.0) \
+        / max(1.0, metrics.get("ragr1_retriever_queue_seconds_count", 0.0))
+
+
 def request_time_breakdown(metrics: dict[str, float], latencies: list[float]) -> dict[str, float]:
     """Where a request's time went, in mean milliseconds per request, from the server's ``/metrics`` deltas
     and the client's latencies: ``queue`` (waiting for its batch), ``encode`` and ``search`` (per batch: with
@@ -688,8 +693,7 @@ def request_time_breakdown(metrics: dict[str, float], latencies: list[float]) ->
     if not requests_seen or not batches or not latencies:
         return {}
     handler = 1000 * metrics.get(RETRIEVE_SECONDS.format("sum"), 0.0) / requests_seen
-    queue_ms = 1000 * metrics.get("ragr1_retriever_queue_seconds_sum", 0.0) \
-        / max(1.0, metrics.get("ragr1_retriever_queue_seconds_count", 0.0))
+    queue_ms = queue_ms_avg(metrics)
     encode = 1000 * metrics.get("ragr1_retriever_encode_seconds_sum", 0.0) / batches
     search = 1000 * metrics.get("ragr1_retriever_search_seconds_sum", 0.0) / batches
     client = 1000 * sum(latencies) / len(latencies)
