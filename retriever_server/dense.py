@@ -20,7 +20,8 @@ FAISS_INDEX_NAME = "index.faiss"
 EXACT_INDEX_TYPES = ("Flat", "IDMap,Flat")
 # From this many queries a flat scan takes faiss's BLAS path (one matrix product); below, its direct scan.
 # 100k x 384 on one core (AMD EPYC, 2026-12-07): 1 query 16 ms direct vs 34 ms BLAS, 3 about equal, 8
-# 125 ms direct vs 40 ms BLAS (faiss's default threshold, 20, leaves 8-19 queries on the slow path).
+# 125 ms direct vs 40 ms BLAS. faiss's default threshold (20 in older releases, 128,000 in faiss 1.15.1: direct for
+# every batch) leaves 8 queries and more on the slow path.
 BLAS_MIN_QUERIES = 3
 
 
