@@ -45,6 +45,7 @@ from benchmarks.bench_common import HelpFormatter, cpu_model  # noqa: E402
 from benchmarks.bench_retriever import CORPUS_VERSION, make_query, write_corpus  # noqa: E402
 from retriever_server import encoder_choice  # noqa: E402
 from retriever_server.cpus import cpu_flags  # noqa: E402
+from retriever_server.dense import BLAS_SCAN_THRESHOLD, DIRECT_SCAN_THRESHOLD, FaissSearcher  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     bert = load_encoders(str(bert_dir), backends, spec_from=str(bert_dir))
     results["encoder_speed"] = {"minilm": {name: time_encoder(enc, queries, args.batch) for name, enc in minilm.items()},
                                 "bert-base": {name: time_encoder(enc, queries, args.batch) for name, enc in bert.items()}}
-    flat_minilm = read_flat(index_dir)
-    flat_bert = synthetic_flat(args.synthetic_vectors, 768)
+    flat_minilm = read_flat(index_dir, args.threads)
+    flat_bert = synthetic_flat(args.synthetic_vectors, 768, args.threads)
     results["raw_limit"] = {"minilm": raw_limits(minilm, flat_minilm, queries, args.batch),
                             "bert-base": raw_limits(bert, flat_bert, queries, args.batch)}
     results["scan"] = measure_scans(flat_minilm, minilm["torch"].encode_queries(queries), args)
@@ -81,16 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _set_threads(threads: int) -> None:
-    """The threads, and the flat-scan path the server takes: faiss 1.15's default BLAS threshold (128,000
-    queries) would scan every batch on the direct path, about 10x slower than BLAS for 64 queries."""
     import faiss
     import torch
 
-    from retriever_server.dense import BLAS_MIN_QUERIES
-
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES
 
 
 # -- models and indexes ---------------------------------------------------------------------------------
@@ -135,20 +131,21 @@ def load_encoders(name: str, backends: list[str], spec_from: str | None = None) 
     return {backend: TextEncoder(spec, device="cpu", batch_size=128, backend=backend) for backend in backends}
 
 
-def read_flat(index_dir: Path):
+def read_flat(index_dir: Path, threads: int = 1) -> FaissSearcher:
+    """The index searched as the server searches it (the scan path chosen by batch size)."""
     import faiss
 
-    return faiss.read_index(str(index_dir / "index.faiss"))
+    return FaissSearcher(faiss.read_index(str(index_dir / "index.faiss")), omp_threads=threads)
 
 
-def synthetic_flat(count: int, dim: int):
+def synthetic_flat(count: int, dim: int, threads: int) -> FaissSearcher:
     import faiss
 
     vectors = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = faiss.IndexFlatIP(dim)
     index.add(vectors)
-    return index
+    return FaissSearcher(index, omp_threads=threads)
 
 
 # -- measurements ---------------------------------------------------------------------------------------
@@ -204,14 +201,16 @@ def raw_limits(encoders: dict, index, queries: list[str], batch: int) -> dict:
     return rows
 
 
-def measure_scans(flat, query_vectors: np.ndarray, args: argparse.Namespace) -> dict:
-    """faiss scans over the same vectors as ``flat``: agreement with it and time per batch and per query."""
+def measure_scans(searcher: FaissSearcher, query_vectors: np.ndarray, args: argparse.Namespace) -> dict:
+    """faiss scans over the same vectors as ``searcher``'s flat index: agreement with it and time per batch and
+    per query."""
     import faiss
 
     from retriever_server.encoder_choice import agreement
 
+    flat = searcher.index
     vectors = flat.reconstruct_n(0, flat.ntotal)
-    expected = flat.search(query_vectors, K)[1]
+    expected = searcher.search(query_vectors, K)[1]
     variants = {"Flat": flat}
     for name, factory in (("SQfp16", "SQfp16"), ("SQ8", "SQ8")):
         index = faiss.index_factory(flat.d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -226,9 +225,10 @@ def measure_scans(flat, query_vectors: np.ndarray, args: argparse.Namespace) -> 
     variants[f"SQ8+re-rank x{args.rerank_factor}"] = refine
     rows = {}
     for name, index in variants.items():
-        same_set, same_order = agreement(expected, index.search(query_vectors, K)[1])
+        scan = FaissSearcher(index, omp_threads=args.threads)
+        same_set, same_order = agreement(expected, scan.search(query_vectors, K)[1])
         rows[name] = {"same_set": round(same_set, 4), "same_order": round(same_order, 4),
-                      **_scan_times(index, query_vectors, args.batch)}
+                      **_scan_times(scan, query_vectors, args.batch)}
     return {"vectors": flat.ntotal, "dim": flat.d, "per_index": rows,
             "flat_small_batches": blas_vs_direct(flat, query_vectors)}
 
@@ -242,7 +242,7 @@ def blas_vs_direct(flat, query_vectors: np.ndarray, sizes=(1, 2, 3, 4, 8, 16), r
     try:
         for size in sizes:
             row = {}
-            for path, threshold in (("direct", 10**9), ("blas", 1)):
+            for path, threshold in (("direct", DIRECT_SCAN_THRESHOLD), ("blas", BLAS_SCAN_THRESHOLD)):
                 faiss.cvar.distance_compute_blas_threshold = threshold
                 times = []
                 for number in range(repeats):

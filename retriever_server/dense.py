@@ -20,9 +20,14 @@ FAISS_INDEX_NAME = "index.faiss"
 EXACT_INDEX_TYPES = ("Flat", "IDMap,Flat")
 # From this many queries a flat scan takes faiss's BLAS path (one matrix product); below, its direct scan.
 # 100k x 384 on one core (AMD EPYC, 2026-12-07): 1 query 16 ms direct vs 34 ms BLAS, 3 about equal, 8
-# 125 ms direct vs 40 ms BLAS. faiss's default threshold (20 in older releases, 128,000 in faiss 1.15.1: direct for
-# every batch) leaves 8 queries and more on the slow path.
+# 125 ms direct vs 40 ms BLAS.
 BLAS_MIN_QUERIES = 3
+# faiss decides with distance_compute_blas_threshold, compared with the query count in older releases (default
+# 20) and with queries x dimension in faiss 1.15.1 (default 128,000: every batch of 384-d queries below 333 takes
+# the direct path). These two values choose the same path under either rule, so the searcher sets one of them
+# before each search.
+DIRECT_SCAN_THRESHOLD = 2**31 - 1
+BLAS_SCAN_THRESHOLD = 0
 
 
 def faiss_gpu_available() -> bool:
@@ -86,7 +91,6 @@ class FaissSearcher:
         self.omp_threads = omp_threads
         self.small_batch = small_batch
         self.device = "cuda" if on_gpu else "cpu"
-        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES
         space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
         # k_factor_rf: candidates per result an IndexRefine (e.g. "SQ8,RFlat") re-ranks with its fp32 copy
         for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor_rf", rerank_factor)):
@@ -113,7 +117,16 @@ class FaissSearcher:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         threads = 1 if len(vectors) < self.small_batch else self.omp_threads
         self._faiss.omp_set_num_threads(threads)
+        set_flat_scan_path(self._faiss, len(vectors))
         return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+
+
+def set_flat_scan_path(faiss, queries: int) -> None:
+    """Send a flat scan of ``queries`` queries down faiss's direct path (below ``BLAS_MIN_QUERIES``) or its
+    BLAS path. The setting is process-wide: two threads searching at once could put each other's scan on the
+    slower path, nothing more."""
+    small = queries < BLAS_MIN_QUERIES
+    faiss.cvar.distance_compute_blas_threshold = DIRECT_SCAN_THRESHOLD if small else BLAS_SCAN_THRESHOLD
 
 
 def _mmap_flags(faiss) -> int:

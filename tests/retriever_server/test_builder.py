@@ -137,6 +137,30 @@ def test_bm25_build(generated, tmp_path):
     assert not (tmp_path / "bm25" / "bm25.partial").exists()
 
 
+def test_a_flat_scan_path_follows_the_batch_size_whatever_faiss_compares(generated):
+    """A lone query takes the direct scan and a batch the BLAS path, whether faiss compares its threshold with
+    the query count (older releases) or with queries x dimension (1.15): a setting in query counts, as this
+    project once wrote, sent even one 384-d query down the BLAS path under the newer rule."""
+    import faiss
+
+    from retriever_server.dense import BLAS_MIN_QUERIES
+
+    _, flat, _ = generated
+    searcher = FaissSearcher.load(flat, use_gpu=False, omp_threads=1)
+    dim = searcher.index.d
+    queries = _queries(TextEncoder(infer_encoder_spec("minilm"), device="cpu"))
+
+    def takes_direct_path(count: int) -> tuple[bool, bool]:
+        searcher.search(queries[:count], 3)
+        threshold = faiss.cvar.distance_compute_blas_threshold
+        return count < threshold, count * dim < threshold  # the old rule, the new rule
+
+    assert takes_direct_path(1) == (True, True)
+    assert takes_direct_path(BLAS_MIN_QUERIES - 1) == (True, True)
+    assert takes_direct_path(BLAS_MIN_QUERIES) == (False, False)
+    assert takes_direct_path(len(queries)) == (False, False)
+
+
 def test_one_query_at_a_time_finds_what_a_batch_finds(generated):
     """A few queries take faiss's direct scan, a batch its BLAS path (dense.BLAS_MIN_QUERIES): same passages."""
     from retriever_server.dense import BLAS_MIN_QUERIES
