@@ -131,6 +131,34 @@ def model_fingerprint(model_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# A chunk of texts sorted by token length grows until it holds batch_size texts, or until its padding would
+# pass PADDING_SLACK of its real tokens (once it has MIN_CHUNK texts: smaller matrix products lose more than
+# padding costs). Queries of 8-20 tokens, MiniLM on one core (AMD EPYC, 2026-12-07): 768 queries in chunks of
+# 128 as sent 109 q/s, sorted 170 q/s; chunks of 16, sorted, 154 q/s against 125 as sent.
+PADDING_SLACK = 0.1
+MIN_CHUNK = 8
+
+
+def length_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Positions of ``lengths`` grouped into chunks for encoding: ascending length, at most ``batch_size``
+    each, a new chunk where padding to the longest would pass ``PADDING_SLACK`` (see above)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    real_tokens = 0
+    for position in sorted(range(len(lengths)), key=lengths.__getitem__):
+        length = lengths[position]
+        padded = (len(current) + 1) * length
+        too_padded = len(current) >= MIN_CHUNK and padded > (1 + PADDING_SLACK) * (real_tokens + length)
+        if current and (len(current) >= batch_size or too_padded):
+            chunks.append(current)
+            current, real_tokens = [], 0
+        current.append(position)
+        real_tokens += length
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class TextEncoder:
     """Queries or passages to float32 vectors: the spec's prefixes, the tokenizer, then a backend's forward pass
     (:mod:`retriever_server.encoder_backends`; ``torch``, fp32, is the reference an index is built with)."""
@@ -164,10 +192,15 @@ class TextEncoder:
         return self._encode([self.spec.passage_prefix + p for p in passages])
 
     def _encode(self, texts: list[str]) -> np.ndarray:
+        """Texts in chunks of similar token length, so that a chunk pads little; rows in the given order."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        chunks = [self._encode_batch(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
-        return np.concatenate(chunks, axis=0)
+        lengths = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length,
+                                 return_length=True)["length"]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for chunk in length_chunks(lengths, self.batch_size):
+            out[chunk] = self._encode_batch([texts[i] for i in chunk])
+        return out
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,

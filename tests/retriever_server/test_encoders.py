@@ -3,9 +3,11 @@ import pytest
 
 from retriever_server.encoders import (
     BGE_QUERY_INSTRUCTION,
+    MIN_CHUNK,
     TextEncoder,
     detect_family,
     infer_encoder_spec,
+    length_chunks,
     resolve_model_path,
 )
 
@@ -59,3 +61,30 @@ def test_batching_does_not_change_embeddings(minilm):
     one_by_one = np.concatenate([minilm.encode_queries([t]) for t in texts])
     np.testing.assert_allclose(minilm.encode_queries(texts), one_by_one, atol=1e-5)
     assert minilm.encode_queries([]).shape == (0, 384)
+
+
+def test_texts_of_mixed_lengths_come_back_in_the_order_given(minilm):
+    """Encoding sorts texts by length into chunks; each row must still be its own text's vector."""
+    words = "the river crosses the old town past the mill and the bridge towards the distant sea".split()
+    texts = [" ".join(words[:1 + (7 * i) % len(words)]) for i in range(13)]
+    assert sorted(texts, key=len) != texts
+    one_by_one = np.concatenate([minilm.encode_queries([t]) for t in texts])
+    np.testing.assert_allclose(minilm.encode_queries(texts), one_by_one, atol=1e-5)
+
+
+def test_length_chunks_cover_every_text_once_sorted_and_within_the_batch_size():
+    lengths = [30, 5, 12, 5, 200, 7, 12, 13, 90, 5, 6, 8, 11, 9, 14, 10, 7, 6, 5, 12]
+    chunks = length_chunks(lengths, batch_size=6)
+    flat = [position for chunk in chunks for position in chunk]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[p] for p in flat] == sorted(lengths)
+    assert all(len(chunk) <= 6 for chunk in chunks)
+
+
+def test_length_chunks_split_where_padding_would_be_wasted():
+    short, long = [10] * MIN_CHUNK, [100] * MIN_CHUNK
+    chunks = length_chunks(long + short, batch_size=64)
+    assert [len(chunk) for chunk in chunks] == [MIN_CHUNK, MIN_CHUNK]
+    assert length_chunks([10] * 40, batch_size=64) == [list(range(40))]  # equal lengths: one chunk
+    assert length_chunks([10, 100, 11], batch_size=64) == [[0, 2, 1]]  # fewer than MIN_CHUNK: never split
+    assert length_chunks([], batch_size=8) == []
