@@ -131,6 +131,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="where logs, metrics, checkpoints and results go (default: "
                              "./ragr1-cpu-runs/<time>); an earlier run's folder resumes it: finished stages "
                              "are skipped")
+    parser.add_argument("--compare-modes", type=Path, nargs=2, metavar=("MQ_RUN", "SQ_RUN"), default=None,
+                        help="print the mq vs sq table (the paper's Table 5) of two finished run folders, one "
+                             "run with --mode mq and one with --mode sq, and exit: EM with the paired "
+                             "difference, searches per question and their ratio, queries per search, seconds "
+                             "per question, overall and per question type")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -199,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown arguments {bad} (Hydra overrides look like key=value)")
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    if args.compare_modes:
+        return compare_modes(*args.compare_modes)
     run = Run(_run_folder(args.run_dir), args, list(overrides))
     try:
         resumed = record_run(run, argv)
@@ -460,8 +467,12 @@ def _record_timing(run: Run, stage: str, seconds: float) -> None:
 
 
 def _timings(run: Run) -> dict[str, float]:
+    return _read_timings(run.folder)
+
+
+def _read_timings(folder: Path) -> dict[str, float]:
     with contextlib.suppress(OSError, ValueError):
-        timings = json.loads((run.folder / TIMINGS_FILE).read_text(encoding="utf-8"))
+        timings = json.loads((folder / TIMINGS_FILE).read_text(encoding="utf-8"))
         if isinstance(timings, dict):
             return timings
     return {}
@@ -779,6 +790,34 @@ def _eval_stage(run: Run) -> None:
         run.path("eval", "table.txt").write_text(table + "\n", encoding="utf-8")  # the table as it goes
     _out("\n" + table)
     _progress(run, "\n```\n" + table + "\n```\n")
+
+
+def compare_modes(mq_folder: Path, sq_folder: Path) -> int:
+    """``--compare-modes``: the two folders' evaluations side by side (:func:`report.modes_table`)."""
+    rows = {}
+    for name, folder in (("mq", mq_folder), ("sq", sq_folder)):
+        rows[name] = folder_eval_rows(folder)
+        if not rows[name]:
+            _out(f"{folder}: no finished evaluation under {folder / 'eval'}", error=True)
+            return 2
+    table = report.modes_table(rows["mq"], rows["sq"])
+    _out(f"mq: {mq_folder}\nsq: {sq_folder}\n\n{table}")
+    return 0
+
+
+def folder_eval_rows(folder: Path) -> list[report.EvalRow]:
+    """The table rows of every model evaluated in a run folder (``eval/<label>/results.jsonl``), with the
+    evaluation's wall time from the folder's timings."""
+    from ragr1_verl.evaluation.report import read_results
+
+    timings = _read_timings(folder)
+    types = question_types()
+    rows: list[report.EvalRow] = []
+    labels = sorted((path.parent.name for path in (folder / "eval").glob("*/results.jsonl")), key=_label_order)
+    for label in labels:
+        records = read_results(folder / "eval" / label)
+        rows += report.eval_rows(label, records, float(timings.get(f"eval/{label}", 0.0)), types)
+    return rows
 
 
 def comparisons(labels: Sequence[str]) -> list[tuple[str, str]]:

@@ -241,6 +241,34 @@ def eval_table(rows: Sequence[EvalRow], differences: Sequence[DifferenceRow] | N
     return "\n".join(lines)
 
 
+MODES_HEADER = ("model", "questions", "EM mq", "EM sq", "mq - sq [95% CI]", "searches/q mq", "searches/q sq",
+                "mq/sq", "queries/search mq", "queries/search sq", "s/q mq", "s/q sq")
+
+
+def modes_table(mq: Sequence[EvalRow], sq: Sequence[EvalRow]) -> str:
+    """The paper's Table 5 at the demo's scale: each model and question group evaluated in both runs, mq beside
+    sq. EM with the paired difference mq - sq over the same questions, searches per question and their ratio
+    (below 1: mq needs fewer retrieval rounds), queries per search and seconds per question."""
+    sq_by_key = {(row.label, row.group): row for row in sq}
+    pairs = [(row, sq_by_key[row.label, row.group]) for row in mq if (row.label, row.group) in sq_by_key]
+    labels = list(dict.fromkeys(row.label for row in mq))
+    # every model on all questions first (as eval_table), then each model's question types in one order
+    pairs.sort(key=lambda pair: (pair[0].group != "all", labels.index(pair[0].label), pair[0].group))
+    cells = [_modes_cells(first, second) for first, second in pairs]
+    overall = sum(first.group == "all" for first, _ in pairs)
+    return "\n".join(_aligned(MODES_HEADER, cells, blank_after=overall if 0 < overall < len(pairs) else None))
+
+
+def _modes_cells(mq: EvalRow, sq: EvalRow) -> tuple[str, ...]:
+    difference = _difference({("mq", mq.group): mq, ("sq", sq.group): sq}, ["mq"], "sq", mq.group, mq.label)
+    ratio = f"{mq.searches_per_question / sq.searches_per_question:.2f}" if sq.searches_per_question else "-"
+    return (_eval_cells(mq)[0], f"{mq.questions}", f"{mq.em:.3f}", f"{sq.em:.3f}",
+            difference.difference.format(3, signed=True) if difference else "-",
+            f"{mq.searches_per_question:.2f}", f"{sq.searches_per_question:.2f}", ratio,
+            f"{mq.queries_per_search:.2f}", f"{sq.queries_per_search:.2f}", f"{mq.seconds_per_question:.2f}",
+            f"{sq.seconds_per_question:.2f}")
+
+
 def _eval_cells(row: EvalRow) -> tuple[str, ...]:
     name = row.label if row.group == "all" else f"{row.label}/{row.group}"
     em = f"{row.em:.3f}" if row.em_low is None or row.em_high is None else \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,46 @@ def test_an_earlier_sft_model_is_the_rl_start_and_the_after_sft_model(tmp_path, 
     monkeypatch.setattr(demo, "_rl_stage", lambda run: started.append(run.models.get("sft", run.models["base"])))
     demo._run_stages(run)
     assert started == [(tmp_path / "sft").resolve()] and list(run.models) == ["base", "sft"]
+
+
+def _finished_eval(folder, label, records, seconds):
+    out = folder / "eval" / label
+    out.mkdir(parents=True)
+    lines = [json.dumps({"id": f"demo/{number}", **record}) + "\n" for number, record in enumerate(records)]
+    (out / "results.jsonl").write_text("".join(lines))
+    timings = folder / demo.TIMINGS_FILE
+    known = json.loads(timings.read_text()) if timings.exists() else {}
+    timings.write_text(json.dumps({**known, f"eval/{label}": seconds}))
+
+
+def test_compare_modes_prints_table_5_of_two_run_folders_as_a_user_runs_it(tmp_path):
+    import subprocess
+    import sys
+
+    from retriever_server.demo import load_demo_questions
+
+    by_type: dict[str, list[dict]] = {}
+    for question in load_demo_questions():
+        if question["split"] == "test":
+            by_type.setdefault(question.get("hops") or question["type"], []).append(question)
+    held_out = [question for questions in by_type.values() for question in questions[:2]]
+    assert len(by_type) == 3 and len(held_out) == 6
+    mq, sq = tmp_path / "mq", tmp_path / "sq"
+    _finished_eval(mq, "sft", [_record(q["question"], 1.0, 1, 2) for q in held_out], 12.0)
+    _finished_eval(sq, "sft", [_record(q["question"], 0.0, 2, 2) for q in held_out], 24.0)
+    command = Path(sys.executable).with_name("ragr1-verl-demo")  # the console script pip installed
+    done = subprocess.run([str(command), "--compare-modes", str(mq), str(sq)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] and
+            line.split()[0].startswith("sft")}
+    assert rows["sft"][1:5] == ["6", "1.000", "0.000", "+1.000"]
+    assert rows["sft"][7:10] == ["1.00", "2.00", "0.50"] and rows["sft"][12:14] == ["2.00", "4.00"]
+    assert set(rows) == {"sft", *(f"sft/{kind}" for kind in by_type)}
+    assert all(row[1:5] == ["2", "1.000", "0.000", "+1.000"] for name, row in rows.items() if name != "sft")
+
+
+def test_compare_modes_names_a_folder_without_evaluations(tmp_path, capsys):
+    (tmp_path / "mq").mkdir()
+    assert demo.main(["--compare-modes", str(tmp_path / "mq"), str(tmp_path / "sq")]) == 2
+    assert "no finished evaluation" in capsys.readouterr().err

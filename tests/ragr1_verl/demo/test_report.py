@@ -97,3 +97,33 @@ def test_rl_rows_carry_the_running_mean_of_the_reward():
     assert report.reward_window_means(metrics) == (pytest.approx(0.4), pytest.approx(0.7))
     assert report.reward_window_means({}) == (None, None)
     assert report.reward_window_means(metrics, window=2) == (pytest.approx(0.25), pytest.approx(1.0))
+
+
+def _mode_records(correct: set[int], searches: int, queries: int) -> list[dict]:
+    return [{"question": q, "em": float(i in correct), "f1": float(i in correct), "searches": searches,
+             "queries": queries, "format_ok": True} for i, q in enumerate(QUESTIONS)]
+
+
+def test_the_modes_table_sets_mq_beside_sq_with_the_search_ratio_and_the_paired_difference():
+    """Table 5: mq searches once with 2 queries and answers every question; sq searches twice with 1 query
+    each and answers half: ratio 0.50, difference +0.500 overall, +1.000 on the questions sq missed."""
+    mq = report.eval_rows("sft", _mode_records(set(range(12)), searches=1, queries=2), 24.0, TYPES)
+    sq = report.eval_rows("sft", _mode_records({1, 3, 5, 7, 9, 11}, searches=2, queries=2), 48.0, TYPES)
+    lines = report.modes_table(mq, sq).splitlines()
+    assert lines[0].split()[:5] == ["model", "questions", "EM", "mq", "EM"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
+    assert set(rows) == {"sft", "sft/bridge", "sft/comparison"}
+    overall = rows["sft"]
+    assert overall[1:4] == ["12", "1.000", "0.500"] and overall[4] == "+0.500"
+    assert overall[7:10] == ["1.00", "2.00", "0.50"]  # searches/q mq, sq, and mq/sq
+    assert overall[10:14] == ["2.00", "1.00", "2.00", "4.00"]  # queries/search mq, sq; s/q mq, sq
+    assert rows["sft/bridge"][2:5] == ["1.000", "1.000", "+0.000"]
+    assert rows["sft/comparison"][2:5] == ["1.000", "0.000", "+1.000"]
+
+
+def test_the_modes_table_leaves_out_models_only_one_run_has():
+    mq = report.eval_rows("sft", _mode_records(set(), 1, 2), 12.0, TYPES)
+    mq += report.eval_rows("rl-seed0", _mode_records(set(), 1, 2), 12.0, TYPES)
+    sq = report.eval_rows("sft", _mode_records(set(), 2, 2), 12.0, TYPES)
+    names = {line.split()[0] for line in report.modes_table(mq, sq).splitlines()[1:] if line.strip()}
+    assert names == {"sft", "sft/bridge", "sft/comparison"}
