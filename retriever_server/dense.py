@@ -6,6 +6,7 @@ All searchers take float32 query vectors ``[n, d]`` and return ``(scores, positi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -23,9 +24,9 @@ EXACT_INDEX_TYPES = ("Flat", "IDMap,Flat")
 # 125 ms direct vs 40 ms BLAS.
 BLAS_MIN_QUERIES = 3
 # faiss decides with distance_compute_blas_threshold, compared with the query count in older releases (default
-# 20) and with queries x dimension in faiss 1.15.1 (default 128,000: every batch of 384-d queries below 333 takes
+# 20) and with queries x dimension in faiss 1.15.1 (default 128,000: every batch of up to 333 384-d queries takes
 # the direct path). These two values choose the same path under either rule, so the searcher sets one of them
-# before each search.
+# around each search.
 DIRECT_SCAN_THRESHOLD = 2**31 - 1
 BLAS_SCAN_THRESHOLD = 0
 
@@ -117,16 +118,23 @@ class FaissSearcher:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         threads = 1 if len(vectors) < self.small_batch else self.omp_threads
         self._faiss.omp_set_num_threads(threads)
-        set_flat_scan_path(self._faiss, len(vectors))
-        return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        with flat_scan_path(self._faiss, len(vectors)):
+            return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
 
-def set_flat_scan_path(faiss, queries: int) -> None:
-    """Send a flat scan of ``queries`` queries down faiss's direct path (below ``BLAS_MIN_QUERIES``) or its
-    BLAS path. The setting is process-wide: two threads searching at once could put each other's scan on the
-    slower path, nothing more."""
+@contextlib.contextmanager
+def flat_scan_path(faiss, queries: int) -> Iterator[None]:
+    """Within the block, a flat scan of ``queries`` queries takes faiss's direct path (below
+    ``BLAS_MIN_QUERIES``) or its BLAS path; faiss's setting is put back after it, so other faiss work in the
+    process (k-means in an index build) keeps its own. The setting is process-wide: a search in another thread
+    at the same time would take this block's path."""
+    saved = faiss.cvar.distance_compute_blas_threshold
     small = queries < BLAS_MIN_QUERIES
     faiss.cvar.distance_compute_blas_threshold = DIRECT_SCAN_THRESHOLD if small else BLAS_SCAN_THRESHOLD
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = saved
 
 
 def _mmap_flags(faiss) -> int:

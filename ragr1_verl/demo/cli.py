@@ -48,6 +48,7 @@ from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overr
 from ragr1_verl.demo.processes import run_logged
 from ragr1_verl.demo.report import read_metrics, validation_summary
 from ragr1_verl.environment import CPU_BACKEND
+from ragr1_verl.evaluation.report import read_results
 from ragr1_verl.records import positive_int, read_records, staged_output
 from ragr1_verl.settings import add_setting_argument
 
@@ -461,16 +462,12 @@ def _progress(run: Run, text: str) -> None:
 
 
 def _record_timing(run: Run, stage: str, seconds: float) -> None:
-    timings = _timings(run)
+    timings = _timings(run.folder)
     timings[stage] = round(seconds, 1)
     _write_json(run.folder / TIMINGS_FILE, timings)
 
 
-def _timings(run: Run) -> dict[str, float]:
-    return _read_timings(run.folder)
-
-
-def _read_timings(folder: Path) -> dict[str, float]:
+def _timings(folder: Path) -> dict[str, float]:
     with contextlib.suppress(OSError, ValueError):
         timings = json.loads((folder / TIMINGS_FILE).read_text(encoding="utf-8"))
         if isinstance(timings, dict):
@@ -749,7 +746,6 @@ def _eval_stage(run: Run) -> None:
     """Every model of the run (those of earlier seeds in the same folder too), one after the other; a model
     whose evaluation is complete is not evaluated again, and an incomplete one starts again (``--overwrite``:
     ragr1-eval resumes only with the same retriever address, and the demo retriever's port changes)."""
-    from ragr1_verl.evaluation.report import read_results
     from ragr1_verl.evaluation.runner import load_questions
 
     data = assets.ensure_demo_data() / "test.parquet"
@@ -760,7 +756,7 @@ def _eval_stage(run: Run) -> None:
     run.models = dict(sorted(run.models.items(), key=lambda item: _label_order(item[0])))
     rows: list[report.EvalRow] = []
     types = question_types()
-    timings = _timings(run)
+    timings = _timings(run.folder)
     for label, model in run.models.items():
         stage = f"eval/{label}"
         done = stage_done(run, stage)
@@ -795,22 +791,34 @@ def _eval_stage(run: Run) -> None:
 def compare_modes(mq_folder: Path, sq_folder: Path) -> int:
     """``--compare-modes``: the two folders' evaluations side by side (:func:`report.modes_table`)."""
     rows = {}
-    for name, folder in (("mq", mq_folder), ("sq", sq_folder)):
-        rows[name] = folder_eval_rows(folder)
-        if not rows[name]:
-            _out(f"{folder}: no finished evaluation under {folder / 'eval'}", error=True)
+    for mode, folder in (("mq", mq_folder), ("sq", sq_folder)):
+        recorded = run_mode(folder)
+        if recorded != mode:
+            _out(f"{folder / RUN_FILE}: this run's mode is {recorded or 'not recorded'}, expected {mode} "
+                 "(--compare-modes MQ_RUN SQ_RUN)", error=True)
+            return 2
+        rows[mode] = folder_eval_rows(folder)
+        if not rows[mode]:
+            _out(f"{folder}: no evaluation under {folder / 'eval'}", error=True)
             return 2
     table = report.modes_table(rows["mq"], rows["sq"])
     _out(f"mq: {mq_folder}\nsq: {sq_folder}\n\n{table}")
     return 0
 
 
+def run_mode(folder: Path) -> str | None:
+    """The ``mode`` a run folder's ``run.json`` records (None when it has none)."""
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+        if isinstance(recorded, dict) and isinstance(recorded.get("mode"), str):
+            return recorded["mode"]
+    return None
+
+
 def folder_eval_rows(folder: Path) -> list[report.EvalRow]:
     """The table rows of every model evaluated in a run folder (``eval/<label>/results.jsonl``), with the
-    evaluation's wall time from the folder's timings."""
-    from ragr1_verl.evaluation.report import read_results
-
-    timings = _read_timings(folder)
+    evaluation's wall time from the folder's timings (0 where it is not recorded)."""
+    timings = _timings(folder)
     types = question_types()
     rows: list[report.EvalRow] = []
     labels = sorted((path.parent.name for path in (folder / "eval").glob("*/results.jsonl")), key=_label_order)

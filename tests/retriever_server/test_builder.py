@@ -137,28 +137,39 @@ def test_bm25_build(generated, tmp_path):
     assert not (tmp_path / "bm25" / "bm25.partial").exists()
 
 
-def test_a_flat_scan_path_follows_the_batch_size_whatever_faiss_compares(generated):
-    """A lone query takes the direct scan and a batch the BLAS path, whether faiss compares its threshold with
-    the query count (older releases) or with queries x dimension (1.15): a setting in query counts, as this
-    project once wrote, sent even one 384-d query down the BLAS path under the newer rule."""
+class _ThresholdProbe:
+    """A stand-in faiss index that records the BLAS threshold faiss would read during its search."""
+
+    ntotal, d = 10, 384
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def search(self, vectors, k):
+        import faiss
+
+        self.seen.append(faiss.cvar.distance_compute_blas_threshold)
+        return np.zeros((len(vectors), k), np.float32), np.zeros((len(vectors), k), np.int64)
+
+
+def test_a_flat_scan_path_follows_the_batch_size_whatever_faiss_compares():
+    """During a search, a lone query takes the direct scan and a batch the BLAS path, whether faiss compares
+    its threshold with the query count (older releases) or with queries x dimension (1.15): a setting in
+    query counts, as this project once wrote, sent even one 384-d query down the BLAS path under the newer
+    rule. After the search, faiss's own setting is back, for the rest of the process (k-means in a build)."""
     import faiss
 
     from retriever_server.dense import BLAS_MIN_QUERIES
 
-    _, flat, _ = generated
-    searcher = FaissSearcher.load(flat, use_gpu=False, omp_threads=1)
-    dim = searcher.index.d
-    queries = _queries(TextEncoder(infer_encoder_spec("minilm"), device="cpu"))
-
-    def takes_direct_path(count: int) -> tuple[bool, bool]:
-        searcher.search(queries[:count], 3)
-        threshold = faiss.cvar.distance_compute_blas_threshold
-        return count < threshold, count * dim < threshold  # the old rule, the new rule
-
-    assert takes_direct_path(1) == (True, True)
-    assert takes_direct_path(BLAS_MIN_QUERIES - 1) == (True, True)
-    assert takes_direct_path(BLAS_MIN_QUERIES) == (False, False)
-    assert takes_direct_path(len(queries)) == (False, False)
+    probe = _ThresholdProbe()
+    searcher = FaissSearcher(probe, omp_threads=1)
+    before = faiss.cvar.distance_compute_blas_threshold
+    sizes = [1, BLAS_MIN_QUERIES - 1, BLAS_MIN_QUERIES, 64]
+    for size in sizes:
+        searcher.search(np.zeros((size, probe.d), np.float32), 3)
+        assert faiss.cvar.distance_compute_blas_threshold == before
+    direct = [(size < threshold, size * probe.d < threshold) for size, threshold in zip(sizes, probe.seen)]
+    assert direct == [(True, True), (True, True), (False, False), (False, False)]  # (old rule, new rule)
 
 
 def test_one_query_at_a_time_finds_what_a_batch_finds(generated):

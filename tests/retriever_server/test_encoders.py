@@ -88,3 +88,8 @@ def test_length_chunks_split_where_padding_would_be_wasted():
     assert length_chunks([10] * 40, batch_size=64) == [list(range(40))]  # equal lengths: one chunk
     assert length_chunks([10, 100, 11], batch_size=64) == [[0, 2, 1]]  # fewer than MIN_CHUNK: never split
     assert length_chunks([], batch_size=8) == []
+    # the 10% bound: 8 x 10 tokens and one of 11 pad to 99 <= 1.1 x 91; one of 12 pads to 108 > 1.1 x 92
+    assert [len(chunk) for chunk in length_chunks([10] * 8 + [11], batch_size=64)] == [9]
+    assert [len(chunk) for chunk in length_chunks([10] * 8 + [12], batch_size=64)] == [8, 1]
+    # below MIN_CHUNK texts a long one joins the short ones
+    assert [len(chunk) for chunk in length_chunks([10] * (MIN_CHUNK - 1) + [100], batch_size=64)] == [MIN_CHUNK]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ragr1_verl.demo import cli as demo
 from ragr1_verl.demo import report
+from retriever_server.demo import load_demo_questions
 
 
 def _run(tmp_path, argv=(), overrides=()):
@@ -138,9 +141,10 @@ def test_an_earlier_sft_model_is_the_rl_start_and_the_after_sft_model(tmp_path, 
     assert started == [(tmp_path / "sft").resolve()] and list(run.models) == ["base", "sft"]
 
 
-def _finished_eval(folder, label, records, seconds):
+def _finished_eval(folder, label, records, seconds, mode):
     out = folder / "eval" / label
     out.mkdir(parents=True)
+    (folder / demo.RUN_FILE).write_text(json.dumps({"preset": "full", "mode": mode}))
     lines = [json.dumps({"id": f"demo/{number}", **record}) + "\n" for number, record in enumerate(records)]
     (out / "results.jsonl").write_text("".join(lines))
     timings = folder / demo.TIMINGS_FILE
@@ -149,11 +153,6 @@ def _finished_eval(folder, label, records, seconds):
 
 
 def test_compare_modes_prints_table_5_of_two_run_folders_as_a_user_runs_it(tmp_path):
-    import subprocess
-    import sys
-
-    from retriever_server.demo import load_demo_questions
-
     by_type: dict[str, list[dict]] = {}
     for question in load_demo_questions():
         if question["split"] == "test":
@@ -161,8 +160,8 @@ def test_compare_modes_prints_table_5_of_two_run_folders_as_a_user_runs_it(tmp_p
     held_out = [question for questions in by_type.values() for question in questions[:2]]
     assert len(by_type) == 3 and len(held_out) == 6
     mq, sq = tmp_path / "mq", tmp_path / "sq"
-    _finished_eval(mq, "sft", [_record(q["question"], 1.0, 1, 2) for q in held_out], 12.0)
-    _finished_eval(sq, "sft", [_record(q["question"], 0.0, 2, 2) for q in held_out], 24.0)
+    _finished_eval(mq, "sft", [_record(q["question"], 1.0, 1, 2) for q in held_out], 12.0, "mq")
+    _finished_eval(sq, "sft", [_record(q["question"], 0.0, 2, 2) for q in held_out], 24.0, "sq")
     command = Path(sys.executable).with_name("ragr1-verl-demo")  # the console script pip installed
     done = subprocess.run([str(command), "--compare-modes", str(mq), str(sq)], capture_output=True, text=True,
                           timeout=120)
@@ -175,7 +174,15 @@ def test_compare_modes_prints_table_5_of_two_run_folders_as_a_user_runs_it(tmp_p
     assert all(row[1:5] == ["2", "1.000", "0.000", "+1.000"] for name, row in rows.items() if name != "sft")
 
 
-def test_compare_modes_names_a_folder_without_evaluations(tmp_path, capsys):
-    (tmp_path / "mq").mkdir()
-    assert demo.main(["--compare-modes", str(tmp_path / "mq"), str(tmp_path / "sq")]) == 2
-    assert "no finished evaluation" in capsys.readouterr().err
+def test_compare_modes_refuses_folders_in_the_wrong_order_or_without_evaluations(tmp_path, capsys):
+    mq, sq = tmp_path / "mq", tmp_path / "sq"
+    _finished_eval(mq, "sft", [_record("a?", 1.0, 1, 2)], 1.0, "mq")
+    _finished_eval(sq, "sft", [_record("a?", 1.0, 1, 1)], 1.0, "sq")
+    assert demo.main(["--compare-modes", str(sq), str(mq)]) == 2  # swapped: the signs would flip
+    assert "this run's mode is sq, expected mq" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / demo.RUN_FILE).write_text(json.dumps({"mode": "sq"}))
+    assert demo.main(["--compare-modes", str(mq), str(empty)]) == 2
+    assert "no evaluation under" in capsys.readouterr().err
+    assert demo.main(["--compare-modes", str(mq), str(sq)]) == 0

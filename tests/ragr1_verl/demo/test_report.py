@@ -127,3 +127,11 @@ def test_the_modes_table_leaves_out_models_only_one_run_has():
     sq = report.eval_rows("sft", _mode_records(set(), 2, 2), 12.0, TYPES)
     names = {line.split()[0] for line in report.modes_table(mq, sq).splitlines()[1:] if line.strip()}
     assert names == {"sft", "sft/bridge", "sft/comparison"}
+
+
+def test_the_modes_table_shows_both_counts_and_no_difference_when_the_questions_differ():
+    mq = report.eval_rows("sft", _mode_records(set(range(12)), 1, 2), 0.0, TYPES)
+    sq = report.eval_rows("sft", _mode_records(set(), 2, 2)[:6], 6.0, TYPES)  # an evaluation cut short
+    overall = next(line.split() for line in report.modes_table(mq, sq).splitlines() if line.split()[:1] == ["sft"])
+    assert overall[1:5] == ["12/6", "1.000", "0.000", "-"]
+    assert overall[-2:] == ["-", "1.00"]  # mq's wall time was not recorded
