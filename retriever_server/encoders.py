@@ -195,14 +195,13 @@ class TextEncoder:
         """Texts in chunks of similar token length, so that a chunk pads little; rows in the given order."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if len(texts) <= MIN_CHUNK:  # never split for padding: skip the pass that measures lengths
-            chunks = [list(range(i, min(i + self.batch_size, len(texts)))) for i in range(0, len(texts), self.batch_size)]
+        if len(texts) <= MIN_CHUNK:  # never split for padding: equal lengths spare the pass that measures them
+            lengths = [1] * len(texts)
         else:
             lengths = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length,
                                      return_length=True)["length"]
-            chunks = length_chunks(lengths, self.batch_size)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for chunk in chunks:
+        for chunk in length_chunks(lengths, self.batch_size):
             out[chunk] = self._encode_batch([texts[i] for i in chunk])
         return out
 

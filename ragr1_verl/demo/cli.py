@@ -468,10 +468,15 @@ def _record_timing(run: Run, stage: str, seconds: float) -> None:
 
 
 def _timings(folder: Path) -> dict[str, float]:
+    return _json_object(folder / TIMINGS_FILE)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; empty when the file is missing, unreadable or holds something else."""
     with contextlib.suppress(OSError, ValueError):
-        timings = json.loads((folder / TIMINGS_FILE).read_text(encoding="utf-8"))
-        if isinstance(timings, dict):
-            return timings
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(value, dict):
+            return value
     return {}
 
 
@@ -808,11 +813,8 @@ def compare_modes(mq_folder: Path, sq_folder: Path) -> int:
 
 def run_mode(folder: Path) -> str | None:
     """The ``mode`` a run folder's ``run.json`` records (None when it has none)."""
-    with contextlib.suppress(OSError, ValueError):
-        recorded = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-        if isinstance(recorded, dict) and isinstance(recorded.get("mode"), str):
-            return recorded["mode"]
-    return None
+    mode = _json_object(folder / RUN_FILE).get("mode")
+    return mode if isinstance(mode, str) else None
 
 
 def folder_eval_rows(folder: Path) -> list[report.EvalRow]:
