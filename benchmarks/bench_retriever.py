@@ -4,7 +4,7 @@ What it measures
 ----------------
 1. **Raw limit.** The loaded service's retriever called directly (``encoder.encode_queries`` then
    ``searcher.search``), bypassing HTTP, the batcher and the embedding cache, on batches of fresh queries
-   (``--raw-batches``, default 1, 3, 64, 128 and 256). The best queries/s is the ceiling the server is
+   (``--raw-batches``, default 1, 3, 8, 16, 32, 64, 128 and 256). The best queries/s is the ceiling the server is
    compared with; batches of 1 and 3 are what one client alone can get.
 2. **Server.** The real server in this process: ``RetrievalService`` + ``create_app`` + ``WaitressServer``
    on a free 127.0.0.1 port. Clients post ``/retrieve`` requests of 1 or 3 queries
@@ -48,15 +48,17 @@ reuse it. ``--index DIR`` serves an existing index folder instead.
 Run ``python benchmarks/bench_retriever.py --help`` from the repository root. With the defaults it takes
 about 2.5 minutes on a 2-core machine once the index is built. It talks
 only to 127.0.0.1, stops by itself (every request loop is bounded by time), writes the results as JSON with
-``--json PATH``, and exits with status 1 if any request failed. ``--max-wait-ms``, ``--max-batch-queries``,
-``--http-threads``, ``--omp-threads``, ``--torch-threads`` and ``--encoder-batch-size`` are passed to the
-server, for tuning.
+``--json PATH``, and exits with status 1 if any request failed. ``--max-wait-ms``, ``--max-return-wait-ms``,
+``--max-batch-queries``, ``--http-threads``, ``--omp-threads``, ``--torch-threads`` and
+``--encoder-batch-size`` are passed to the server, for tuning. ``--return-wait-ab`` runs every cell twice in a
+row, the batcher's return wait off and then on, so that the two are compared on the same server and minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -67,6 +69,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,13 +498,17 @@ def make_executor(args: argparse.Namespace) -> Executor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-client")
 
 
-def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: int) -> tuple[list[dict], int]:
+def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: int,
+              set_return_wait: Callable[[float], None]) -> tuple[list[dict], int]:
     """Every (concurrency, queries-per-request) cell, in order, each continuing the same query stream; the
-    rows and the next query number never sent."""
+    rows and the next query number never sent. With ``--return-wait-ab`` each cell runs twice in a row, the
+    batcher's return wait off and then at ``--max-return-wait-ms``."""
     rows, repeat_floor = [], next_fresh
+    waits = (0.0, args.max_return_wait_ms) if args.return_wait_ab else (args.max_return_wait_ms,)
+    cells = [(c, q, w) for c in args.concurrency for q in args.queries_per_request for w in waits]
     with make_executor(args) as executor:
-        for number, (concurrency, per_request) in enumerate(
-                (c, q) for c in args.concurrency for q in args.queries_per_request):
+        for number, (concurrency, per_request, wait_ms) in enumerate(cells):
+            set_return_wait(wait_ms)
             spec = CellSpec(url, concurrency, per_request, args.warmup, args.seconds, args.topk, next_fresh,
                             repeat_floor, args.repeat_fraction, args.seed + number, args.client_lib,
                             os.getpid(), client_cpus=args.client_cpus)
@@ -510,8 +517,9 @@ def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: 
             row = summarize_cell(concurrency, per_request, raw, args.client_mode)
             row["raw_limit_fraction"] = row["queries_per_s"] / raw_limit
             row["encoded_raw_fraction"] = row["encoded_per_s"] / raw_limit
+            row["return_wait_ms"] = wait_ms
             rows.append(row)
-            print(f"  concurrency {concurrency:3d} x {per_request} queries: "
+            print(f"  concurrency {concurrency:3d} x {per_request} queries, return wait {wait_ms:g} ms: "
                   f"{row['queries_per_s']:7.0f} queries/s ({100 * row['raw_limit_fraction']:.0f}% of raw), "
                   f"p99 {row['p99_ms']:.0f} ms, {row['errors']} errors", flush=True)
     return rows, next_fresh
@@ -565,7 +573,7 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
     options = LoadOptions(omp_threads=args.omp_threads, torch_threads=args.torch_threads,
                          encoder_batch_size=args.encoder_batch_size, encoder_backend=args.encoder_backend)
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
-                              trim_heap=not args.no_trim_heap)
+                              max_return_wait_ms=args.max_return_wait_ms, trim_heap=not args.no_trim_heap)
     pin(args.server_cpus)  # before loading: the service sizes its thread pools from its affinity
     service = RetrievalService(index_dir, options, batching)
     service.load()
@@ -582,7 +590,11 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
         server.start_in_thread()
         print(f"serving on {server.url}; {len(args.concurrency) * len(args.queries_per_request)} cells of "
               f"{args.warmup:g} s warm-up + {args.seconds:g} s", flush=True)
-        rows, stream.next_fresh = run_cells(args, server.url, raw["best_queries_per_s"], stream.next_fresh)
+        def set_return_wait(wait_ms: float) -> None:
+            service.batcher.config = dataclasses.replace(service.batcher.config, max_return_wait_ms=wait_ms)
+
+        rows, stream.next_fresh = run_cells(args, server.url, raw["best_queries_per_s"], stream.next_fresh,
+                                            set_return_wait)
         large = measure_large_request(args, server.url, service.batcher.retriever, stream) \
             if args.large_request else None
         return {"index": describe_index(service), "threads": service.threads, "raw_limit": raw,
@@ -654,7 +666,8 @@ def print_header(machine: dict, results: dict, args: argparse.Namespace) -> None
               "numbers are a lower bound on a machine where the client runs elsewhere")
     print(f"- index: {index['passages']} passages, {index['kind']} {index['index_type']}, encoder "
           f"{index['encoder']}, backend {index['backend']}")
-    print(f"- server: max_wait_ms={args.max_wait_ms:g}, max_batch_queries={args.max_batch_queries}, "
+    print(f"- server: max_wait_ms={args.max_wait_ms:g}, max_return_wait_ms={args.max_return_wait_ms:g}, "
+          f"max_batch_queries={args.max_batch_queries}, "
           f"http threads={args.http_threads}, omp_threads={args.omp_threads or 'usable CPUs'}, "
           f"torch_threads={args.torch_threads or 'usable CPUs'}, encoder batch={args.encoder_batch_size}, "
           f"topk={args.topk}, repeat fraction={args.repeat_fraction:g}")
@@ -707,20 +720,20 @@ def print_breakdown(rows: list[dict]) -> None:
         parts = row.get("time_ms")
         if row["concurrency"] != 1 or not parts:
             continue
-        print(f"\nOne client, {row['queries_per_request']} q/request, mean {parts['client']:.2f} ms a request: "
+        print(f"\nOne client, {row['queries_per_request']} q/request (return wait {row['return_wait_ms']:g} ms), mean {parts['client']:.2f} ms a request: "
               + ", ".join(f"{name} {parts[name]:.2f}" for name in ("queue", "encode", "search", "finish", "http"))
               + " ms (finish = the rest of the handler: thread hand-offs, document lookup, JSON; http = beyond "
               "the handler: waitress, sockets, the client)")
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["conc", "q/req", "req/s", "q/s", "% raw", "p50 ms", "p99 ms", "errors", "avg batch", "cache hit",
+    head = ["conc", "q/req", "return wait ms", "req/s", "q/s", "% raw", "p50 ms", "p99 ms", "errors", "avg batch", "cache hit",
             "encoded q/s", "batcher busy", "server CPU", "client CPU", "other CPU"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---:" for _ in head) + "|")
     for r in rows:
         client_cpu = "-" if r["client_cpu_cores"] is None else f"{r['client_cpu_cores']:.2f}"
-        cells = [r["concurrency"], r["queries_per_request"], f"{r['requests_per_s']:.0f}",
+        cells = [r["concurrency"], r["queries_per_request"], f"{r['return_wait_ms']:g}", f"{r['requests_per_s']:.0f}",
                  f"{r['queries_per_s']:.0f}", f"{100 * r['raw_limit_fraction']:.0f}%", f"{r['p50_ms']:.1f}",
                  f"{r['p99_ms']:.1f}", r["errors"],
                  f"{r['avg_batch_queries']:.1f}", f"{100 * r['cache_hit_rate']:.0f}%",
@@ -772,7 +785,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="run the load generator in a child process or in threads of the server process")
     load.add_argument("--client-lib", choices=("aiohttp", "requests"), default=default_client_lib(),
                       help="HTTP client of the load generator")
-    load.add_argument("--raw-batches", type=int_list, default="1,3,64,128,256",
+    load.add_argument("--raw-batches", type=int_list, default="1,3,8,16,32,64,128,256",
                       help="batch sizes for the raw limit")
     load.add_argument("--raw-seconds", type=float, default=3.0, help="seconds per raw batch size")
     load.add_argument("--seed", type=int, default=1234, help="seed of the query stream")
@@ -787,6 +800,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="pin the load generator to these CPUs")
     server = parser.add_argument_group("server (BatchingConfig / LoadOptions)")
     server.add_argument("--max-wait-ms", type=float, default=1.0, help="batcher wait for more requests")
+    server.add_argument("--max-return-wait-ms", type=float, default=20.0,
+                        help="batcher wait for answered clients to send again (0: never)")
+    server.add_argument("--return-wait-ab", action="store_true",
+                        help="run each cell twice in a row: return wait off, then --max-return-wait-ms")
     server.add_argument("--max-batch-queries", type=int, default=512, help="most queries in one batch")
     server.add_argument("--http-threads", type=int, default=128, help="waitress worker threads")
     server.add_argument("--omp-threads", type=int, default=0,

@@ -6,6 +6,14 @@ request is searched at once), deduplicates identical query strings across the
 batch and searches once with the largest ``topk`` asked for. One thread owns the encoder and the index, so
 torch and faiss never contend with each other for the cores.
 
+Clients that each keep one request outstanding (rollout workers, an evaluation at concurrency N) would
+otherwise split into two groups that alternate: while one group's batch is searched, the other's requests
+queue up and become the next batch, so batches hold half the clients. So a batch that starts to collect
+expects as many requests as were in flight at once during the previous batch (the clients just answered
+are about to send again), and waits for them at most ``max_return_wait_ms`` and a tenth of the previous
+search. Answering and reading those requests is work the cores must do anyway; the batch that follows holds
+every client, and a bigger batch costs less per query.
+
 A second thread finishes each batch while the next one is searched: one document lookup for all of the
 batch's hits (the JSON of each document encoded once, see ``responses.py``), then each request gets its own
 rows. The HTTP threads are left with parsing a request and joining its body.
@@ -31,14 +39,17 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE_SMOOTHING = 0.2  # weight of the newest batch in the moving average of requests per batch
 MIN_REQUESTS_PER_BATCH_TO_WAIT = 1.2  # below: the recent batches were single requests (a lone client)
+RETURN_WAIT_FRACTION = 0.1  # of the previous search's time: the longest wait for answered clients to return
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Batching knobs (CLI: ``--max-batch-queries``, ``--max-wait-ms``, ``--request-timeout``)."""
+    """Batching knobs (CLI: ``--max-batch-queries``, ``--max-wait-ms``, ``--max-return-wait-ms``,
+    ``--request-timeout``)."""
 
     max_batch_queries: int = 512
     max_wait_ms: float = 1.0
+    max_return_wait_ms: float = 20.0  # 0: never wait for answered clients to send again
     request_timeout_s: float = 120.0
     trim_heap: bool = True  # malloc_trim when idle, so varied batch sizes do not grow RSS (heap.py)
 
@@ -91,7 +102,9 @@ class DynamicBatcher:
         self._warned: dict[str, float] = {}  # expected failures logged recently, and when
         self._in_flight = 0  # requests between search() and their answer
         self._in_flight_lock = threading.Lock()
+        self._peak_in_flight = 0  # since the current batch began to collect
         self._requests_per_batch = 1.0  # moving average: are several clients active?
+        self._last_search_s = 0.0
         self.heap = HeapTrimmer(enabled=config.trim_heap)
 
     def start(self) -> None:
@@ -111,6 +124,7 @@ class DynamicBatcher:
         request = _Request(queries, k, Future(), time.perf_counter())
         with self._in_flight_lock:
             self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
         try:
             self._queue.put(request)
             return request.future.result(timeout=self.config.request_timeout_s)
@@ -130,17 +144,16 @@ class DynamicBatcher:
             self._fail_pending()
 
     def _collect(self) -> list[_Request]:
-        try:
-            first = self._queue.get(timeout=self.heap.idle_s)
-        except queue.Empty:
-            self.heap.idle()
-            first = self._queue.get()
+        first = self._next_request()
         if first is None:
             return []
         batch, size = [first], len(first.queries)
-        deadline = time.perf_counter() + self._wait_s()
+        started = time.perf_counter()
+        expected = self._expected_requests()
+        deadline = started + self._wait_s()
+        return_deadline = max(deadline, started + self._return_wait_s())
         while size < self.config.max_batch_queries:
-            remaining = deadline - time.perf_counter()
+            remaining = (return_deadline if len(batch) < expected else deadline) - time.perf_counter()
             try:
                 item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -153,11 +166,31 @@ class DynamicBatcher:
         self._requests_per_batch += BATCH_SIZE_SMOOTHING * (len(batch) - self._requests_per_batch)
         return batch
 
+    def _expected_requests(self) -> int:
+        """Requests this batch may expect: those in flight now, or as many as were in flight at once during
+        the previous batch, whose clients, just answered, are about to send again."""
+        with self._in_flight_lock:
+            expected = max(self._in_flight, self._peak_in_flight)
+            self._peak_in_flight = self._in_flight
+        return expected
+
+    def _next_request(self) -> _Request | None:
+        """The next request, waiting as long as it takes; while waiting, the heap is trimmed once idle."""
+        try:
+            return self._queue.get(timeout=self.heap.idle_s)
+        except queue.Empty:
+            self.heap.idle()
+            return self._queue.get()
+
     def _wait_s(self) -> float:
         """How long a batch waits to fill: ``max_wait_ms`` while other clients are active (another request in
         flight, or recent batches held several); none for a lone client, which nobody could join."""
         others = self._in_flight > 1 or self._requests_per_batch > MIN_REQUESTS_PER_BATCH_TO_WAIT
         return self.config.max_wait_ms / 1000 if others else 0.0
+
+    def _return_wait_s(self) -> float:
+        """How long a batch may wait for answered clients to send again: short next to the search it saves."""
+        return min(self.config.max_return_wait_ms / 1000, RETURN_WAIT_FRACTION * self._last_search_s)
 
     def _process(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
@@ -174,6 +207,7 @@ class DynamicBatcher:
         self.metrics.deduplicated.inc(total - len(row_of))
         try:
             scores, positions = self.retriever.search(list(row_of), max(r.k for r in batch))
+            self._last_search_s = time.perf_counter() - started
         except Exception as err:  # noqa: BLE001 - any backend failure must reach every waiting request
             if getattr(err, "expected", False):  # e.g. a shard down: one line, not a traceback per batch
                 self._warn_once(f"search failed: {err}")

@@ -49,10 +49,16 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds an idle keep-alive connection is kept")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="on SIGTERM, seconds the requests already received may take to be answered")
-    serve.add_argument("--max-batch-queries", type=int, default=512, help="most distinct queries per batch")
-    serve.add_argument("--max-wait-ms", type=float, default=1.0,
+    serve.add_argument("--max-batch-queries", type=int, default=BatchingConfig.max_batch_queries,
+                       help="most distinct queries per batch")
+    serve.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms,
                        help="longest wait for a batch to fill, while other clients are active")
-    serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a queued request fails")
+    serve.add_argument("--max-return-wait-ms", type=float, default=BatchingConfig.max_return_wait_ms,
+                       help="longest wait of a batch for the clients just answered to send again, so that "
+                            "clients keeping one request each share one batch (also at most a tenth of the "
+                            "previous search; 0: never)")
+    serve.add_argument("--request-timeout", type=float, default=BatchingConfig.request_timeout_s,
+                       help="seconds before a queued request fails")
     serve.add_argument("--cache-size", type=int, default=100_000, help="query embeddings kept in the LRU cache")
     serve.add_argument("--document-cache-mib", type=float, default=64.0,
                        help="JSON text of recently returned documents kept, in MiB (0 encodes every hit anew)")
@@ -168,7 +174,7 @@ def build_service(args: argparse.Namespace) -> RetrievalService:
                           mmap_index=not args.no_mmap, check_memory=not args.skip_memory_check,
                           reserve_memory_gib=args.reserve_memory_gib, deployer=_ray_deployer(args))
     batching = BatchingConfig(max_batch_queries=args.max_batch_queries, max_wait_ms=args.max_wait_ms,
-                              request_timeout_s=args.request_timeout)
+                              max_return_wait_ms=args.max_return_wait_ms, request_timeout_s=args.request_timeout)
     return RetrievalService(index_dir, options, batching)
 
 

@@ -85,6 +85,47 @@ def test_a_lone_client_is_not_made_to_wait_for_a_batch_to_fill(dense_retriever):
     assert len(results) == 8 and len(recorder.calls) < 6 + 8  # the concurrent ones still shared batches
 
 
+class SlowRetriever(RecordingRetriever):
+    """Searches take ``delay_s`` at least, like a big index on a busy core."""
+
+    def __init__(self, inner, delay_s: float):
+        super().__init__(inner)
+        self.delay_s = delay_s
+
+    def search(self, queries, k):
+        time.sleep(self.delay_s)
+        return super().search(queries, k)
+
+
+def _closed_loop_clients(batcher, clients: int, rounds: int, think_s: tuple[float, float]) -> None:
+    """Each client keeps one request outstanding and sends the next after ``think_s`` (its HTTP round trip)."""
+    def client(number: int) -> None:
+        pause = think_s[0] + (think_s[1] - think_s[0]) * number / clients
+        for round_ in range(rounds):
+            batcher.search([f"client {number} round {round_}"], 3)
+            time.sleep(pause)
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(client, range(clients)))
+
+
+@pytest.mark.parametrize("return_wait_ms", [50.0, 0.0])
+def test_clients_that_each_keep_one_request_share_one_batch(dense_retriever, return_wait_ms):
+    """Answered clients come back a few ms later, after the 1 ms window: the batch waits for them (up to a
+    tenth of the last search) instead of splitting them into two alternating groups."""
+    recorder = SlowRetriever(dense_retriever, delay_s=0.2)
+    batcher = _batcher(recorder, max_wait_ms=1, max_return_wait_ms=return_wait_ms)
+    _closed_loop_clients(batcher, clients=8, rounds=6, think_s=(0.002, 0.006))
+    batcher.stop()
+    sizes = [len(queries) for queries, _ in recorder.calls]
+    assert sum(sizes) == 48
+    later = sizes[1:]  # the first batch forms before any return
+    if return_wait_ms:
+        assert sum(later) / len(later) >= 6, sizes
+    else:
+        assert sum(later) / len(later) < 6, sizes  # the behaviour the wait exists to fix
+
+
 def test_each_request_gets_its_own_topk_from_a_shared_search(dense_retriever):
     recorder = RecordingRetriever(dense_retriever)
     batcher = _batcher(recorder, max_wait_ms=50)
