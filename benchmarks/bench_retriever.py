@@ -68,6 +68,7 @@ import random
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -416,9 +417,15 @@ RETRIEVE_SECONDS = 'ragr1_retriever_request_seconds_{}{{endpoint="/retrieve"}}' 
 
 def scrape_metrics(url: str) -> dict[str, float]:
     """The samples of ``/metrics`` (counters and histogram sums/counts) by name: unlabelled ones, and the
-    ``/retrieve`` requests' handler seconds (:data:`RETRIEVE_SECONDS`); histogram buckets are left out."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
+    ``/retrieve`` requests' handler seconds (:data:`RETRIEVE_SECONDS`); histogram buckets are left out. Empty
+    from a server without ``/metrics`` (the minimal route of ``--lone-floor``)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return {}
+        raise
     wanted = {RETRIEVE_SECONDS.format("sum"), RETRIEVE_SECONDS.format("count")}
     samples = {}
     for line in text.splitlines():
@@ -544,6 +551,47 @@ def measure_large_request(args: argparse.Namespace, url: str, retriever, stream:
             "error_samples": served["errors"][:5]}
 
 
+def minimal_app(service):
+    """The least a Flask route can do with the same encoder and index: parse, encode, search, look up the
+    documents, dump JSON; no batcher, cache, metrics or limits. The floor a lone client's request is judged
+    against (``--lone-floor``)."""
+    from flask import Flask, Response, request
+
+    retriever = service.batcher.retriever
+    app = Flask("minimal_retriever")
+
+    @app.post("/retrieve")
+    def retrieve():
+        body = json.loads(request.get_data())
+        vectors = retriever.encoder.encode_queries(body["queries"])
+        _, positions = retriever.searcher.search(vectors, body["topk"])
+        result = [service.corpus.documents([int(p) for p in row if p >= 0]) for row in positions]
+        return Response(json.dumps({"result": result}), mimetype="application/json")
+
+    return app
+
+
+def measure_lone_floor(args: argparse.Namespace, service, stream: QueryStream) -> dict:
+    """One client of one query against :func:`minimal_app` on the same CPUs, with the same client."""
+    from retriever_server.http_server import ServingLimits, WaitressServer
+
+    server = WaitressServer(minimal_app(service), host="127.0.0.1", port=0,
+                            limits=ServingLimits(threads=args.http_threads))
+    server.start_in_thread()
+    try:
+        spec = CellSpec(server.url, 1, 1, args.warmup, args.seconds, args.topk, stream.next_fresh, 0, 0.0,
+                        args.seed, args.client_lib, os.getpid(), client_cpus=args.client_cpus)
+        with make_executor(args) as executor:
+            raw = executor.submit(run_cell, spec).result(timeout=args.warmup + args.seconds + 180)
+    finally:
+        server.stop()
+    stream.next_fresh = raw["next_fresh"]
+    floor = {"requests": len(raw["latencies"]), "errors": raw["errors"],
+             "p50_ms": 1000 * percentile(raw["latencies"], 50), "p99_ms": 1000 * percentile(raw["latencies"], 99)}
+    print(f"  minimal Flask route, one client of one query: p50 {floor['p50_ms']:.1f} ms", flush=True)
+    return floor
+
+
 def measure_fp32_raw_limit(service, stream: QueryStream, args: argparse.Namespace) -> dict | None:
     """With another encoder backend, the raw limit of the fp32 reference on the same index, in the same run
     (the ratio the backend is judged by); None when the service runs the reference itself."""
@@ -597,8 +645,10 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
                                             set_return_wait)
         large = measure_large_request(args, server.url, service.batcher.retriever, stream) \
             if args.large_request else None
+        floor = measure_lone_floor(args, service, stream) if args.lone_floor else None
         return {"index": describe_index(service), "threads": service.threads, "raw_limit": raw,
-                "fp32_raw_limit": fp32, "cells": rows, "large_request": large}
+                "fp32_raw_limit": fp32, "cells": rows, "large_request": large, "lone_floor": floor,
+                "repeat_fraction": args.repeat_fraction}
     finally:
         if server is not None:
             server.stop()
@@ -687,6 +737,22 @@ def print_large(large: dict | None) -> None:
           f"{large['median_latency_s']:.2f} s end to end; the raw encode + search of {large['queries']} fresh "
           f"queries in one batch: {large['median_raw_s']:.2f} s; above raw: {large['above_raw_s']:+.2f} s; "
           f"{large['errors']} errors.")
+
+
+def print_lone_floor(results: dict) -> None:
+    """A lone client's p50 with this server and with the minimal route, next to the raw one-query time."""
+    floor = results["lone_floor"]
+    ours = [row for row in results["cells"] if row["concurrency"] == 1 and row["queries_per_request"] == 1]
+    if not floor or not ours:
+        return
+    one = results["raw_limit"]["per_batch"].get("1")
+    raw_ms = one["encode_ms_per_batch"] + one["search_ms_per_batch"] if one else float("nan")
+    print(f"\nOne client of one query, p50: this server {ours[-1]['p50_ms']:.1f} ms, a minimal Flask route around "
+          f"the same encoder and index {floor['p50_ms']:.1f} ms, the raw encode + search {raw_ms:.1f} ms (mean); "
+          f"server minus minimal route {ours[-1]['p50_ms'] - floor['p50_ms']:+.1f} ms, minimal route minus raw "
+          f"{floor['p50_ms'] - raw_ms:+.1f} ms"
+          + ("" if not results["repeat_fraction"] else " (unfair to the minimal route, which has no embedding "
+             "cache: compare with --repeat-fraction 0)"))
 
 
 def queue_ms_avg(metrics: dict[str, float]) -> float:
@@ -802,6 +868,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-wait-ms", type=float, default=1.0, help="batcher wait for more requests")
     server.add_argument("--max-return-wait-ms", type=float, default=20.0,
                         help="batcher wait for answered clients to send again (0: never)")
+    load.add_argument("--lone-floor", action="store_true",
+                      help="also time one client of one query against a minimal Flask route around the same "
+                           "encoder and index (no batcher, cache, metrics or limits)")
     server.add_argument("--return-wait-ab", action="store_true",
                         help="run each cell twice in a row: return wait off, then --max-return-wait-ms")
     server.add_argument("--max-batch-queries", type=int, default=512, help="most queries in one batch")
@@ -848,7 +917,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results["cells"])
     print_breakdown(results["cells"])
     print_large(results["large_request"])
-    errors = sum(row["errors"] for row in results["cells"]) + (results["large_request"] or {}).get("errors", 0)
+    print_lone_floor(results)
+    errors = sum(row["errors"] for row in results["cells"]) + (results["large_request"] or {}).get("errors", 0) \
+        + (results["lone_floor"] or {}).get("errors", 0)
     print(f"\n{errors} failed requests; total run time {time.perf_counter() - started:.0f} s")
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
