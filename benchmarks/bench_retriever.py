@@ -51,7 +51,10 @@ only to 127.0.0.1, stops by itself (every request loop is bounded by time), writ
 ``--json PATH``, and exits with status 1 if any request failed. ``--max-wait-ms``, ``--max-return-wait-ms``,
 ``--max-batch-queries``, ``--http-threads``, ``--omp-threads``, ``--torch-threads`` and
 ``--encoder-batch-size`` are passed to the server, for tuning. ``--return-wait-ab`` runs every cell twice in a
-row, the batcher's return wait off and then on, so that the two are compared on the same server and minute.
+row, the batcher's return wait off and then on (in alternating order), so that the two are compared on the
+same server and minute. ``--lone-floor`` also times one client of one query against a minimal Flask route
+around the same encoder and index (no batcher, embedding cache, metrics or limits), served the same way: the
+floor of what HTTP and Flask add on this machine.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ from benchmarks.bench_common import (  # noqa: E402 (after the path set-up above
     machine_busy_seconds,
     process_cpu_seconds,
 )
+from retriever_server.batcher import BatchingConfig  # noqa: E402
 
 CORPUS_VERSION = 2  # bump when the generator below changes, so a cached index is not reused
 
@@ -505,19 +509,33 @@ def make_executor(args: argparse.Namespace) -> Executor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-client")
 
 
+def return_waits(args: argparse.Namespace) -> tuple[float, ...]:
+    return (0.0, args.max_return_wait_ms) if args.return_wait_ab else (args.max_return_wait_ms,)
+
+
+def cell_plan(args: argparse.Namespace) -> list[tuple[int, int, float]]:
+    """(concurrency, queries per request, return wait) of every cell in order; with ``--return-wait-ab`` the
+    two arms of a cell run back to back, off first in even cells and on first in odd ones."""
+    plan = []
+    for number, (concurrency, per_request) in enumerate(
+            (c, q) for c in args.concurrency for q in args.queries_per_request):
+        waits = return_waits(args) if number % 2 == 0 else return_waits(args)[::-1]
+        plan.extend((concurrency, per_request, wait) for wait in waits)
+    return plan
+
+
 def run_cells(args: argparse.Namespace, url: str, raw_limit: float, next_fresh: int,
               set_return_wait: Callable[[float], None]) -> tuple[list[dict], int]:
     """Every (concurrency, queries-per-request) cell, in order, each continuing the same query stream; the
     rows and the next query number never sent. With ``--return-wait-ab`` each cell runs twice in a row, the
     batcher's return wait off and then at ``--max-return-wait-ms``."""
     rows, repeat_floor = [], next_fresh
-    waits = (0.0, args.max_return_wait_ms) if args.return_wait_ab else (args.max_return_wait_ms,)
-    cells = [(c, q, w) for c in args.concurrency for q in args.queries_per_request for w in waits]
     with make_executor(args) as executor:
-        for number, (concurrency, per_request, wait_ms) in enumerate(cells):
+        for number, (concurrency, per_request, wait_ms) in enumerate(cell_plan(args)):
             set_return_wait(wait_ms)
             spec = CellSpec(url, concurrency, per_request, args.warmup, args.seconds, args.topk, next_fresh,
-                            repeat_floor, args.repeat_fraction, args.seed + number, args.client_lib,
+                            repeat_floor, args.repeat_fraction, args.seed + number // len(return_waits(args)),
+                            args.client_lib,
                             os.getpid(), client_cpus=args.client_cpus)
             raw = executor.submit(run_cell, spec).result(timeout=args.warmup + args.seconds + 180)
             next_fresh = raw["next_fresh"]
@@ -553,11 +571,13 @@ def measure_large_request(args: argparse.Namespace, url: str, retriever, stream:
 
 def minimal_app(service):
     """The least a Flask route can do with the same encoder and index: parse, encode, search, look up the
-    documents, dump JSON; no batcher, cache, metrics or limits. The floor a lone client's request is judged
+    documents, dump JSON; no batcher, cache, metrics or limits, one worker thread. The floor a lone client's request is judged
     against (``--lone-floor``)."""
     from flask import Flask, Response, request
 
     retriever = service.batcher.retriever
+    if not hasattr(retriever, "encoder"):
+        raise SystemExit("--lone-floor needs a dense index (an encoder and a vector searcher)")
     app = Flask("minimal_retriever")
 
     @app.post("/retrieve")
@@ -575,8 +595,8 @@ def measure_lone_floor(args: argparse.Namespace, service, stream: QueryStream) -
     """One client of one query against :func:`minimal_app` on the same CPUs, with the same client."""
     from retriever_server.http_server import ServingLimits, WaitressServer
 
-    server = WaitressServer(minimal_app(service), host="127.0.0.1", port=0,
-                            limits=ServingLimits(threads=args.http_threads))
+    # one worker thread: torch always runs on the same thread, and nothing else is there to hand off to
+    server = WaitressServer(minimal_app(service), host="127.0.0.1", port=0, limits=ServingLimits(threads=1))
     server.start_in_thread()
     try:
         spec = CellSpec(server.url, 1, 1, args.warmup, args.seconds, args.topk, stream.next_fresh, 0, 0.0,
@@ -614,7 +634,6 @@ def measure_fp32_raw_limit(service, stream: QueryStream, args: argparse.Namespac
 def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
     """Load the service, measure the raw limit, serve over HTTP and run every cell."""
     from retriever_server.app import create_app
-    from retriever_server.batcher import BatchingConfig
     from retriever_server.http_server import ServingLimits, WaitressServer
     from retriever_server.service import LoadOptions, RetrievalService
 
@@ -636,7 +655,7 @@ def benchmark(args: argparse.Namespace, index_dir: Path) -> dict:
         server = WaitressServer(create_app(service), host="127.0.0.1", port=0,
                                 limits=ServingLimits(threads=args.http_threads))
         server.start_in_thread()
-        print(f"serving on {server.url}; {len(args.concurrency) * len(args.queries_per_request)} cells of "
+        print(f"serving on {server.url}; {len(cell_plan(args))} cells of "
               f"{args.warmup:g} s warm-up + {args.seconds:g} s", flush=True)
         def set_return_wait(wait_ms: float) -> None:
             service.batcher.config = dataclasses.replace(service.batcher.config, max_return_wait_ms=wait_ms)
@@ -747,10 +766,10 @@ def print_lone_floor(results: dict) -> None:
         return
     one = results["raw_limit"]["per_batch"].get("1")
     raw_ms = one["encode_ms_per_batch"] + one["search_ms_per_batch"] if one else float("nan")
-    print(f"\nOne client of one query, p50: this server {ours[-1]['p50_ms']:.1f} ms, a minimal Flask route around "
-          f"the same encoder and index {floor['p50_ms']:.1f} ms, the raw encode + search {raw_ms:.1f} ms (mean); "
-          f"server minus minimal route {ours[-1]['p50_ms'] - floor['p50_ms']:+.1f} ms, minimal route minus raw "
-          f"{floor['p50_ms'] - raw_ms:+.1f} ms"
+    servers = ", ".join(f"{row['p50_ms']:.1f} ms (return wait {row['return_wait_ms']:g} ms)" for row in ours)
+    print(f"\nOne client of one query, p50: this server {servers}; a minimal Flask route around the same encoder "
+          f"and index {floor['p50_ms']:.1f} ms; the raw encode + search {raw_ms:.1f} ms (mean). Server minus minimal "
+          f"route {ours[0]['p50_ms'] - floor['p50_ms']:+.1f} ms, minimal route minus raw {floor['p50_ms'] - raw_ms:+.1f} ms"
           + ("" if not results["repeat_fraction"] else " (unfair to the minimal route, which has no embedding "
              "cache: compare with --repeat-fraction 0)"))
 
@@ -786,20 +805,22 @@ def print_breakdown(rows: list[dict]) -> None:
         parts = row.get("time_ms")
         if row["concurrency"] != 1 or not parts:
             continue
-        print(f"\nOne client, {row['queries_per_request']} q/request (return wait {row['return_wait_ms']:g} ms), mean {parts['client']:.2f} ms a request: "
+        print(f"\nOne client, {row['queries_per_request']} q/request (return wait {row['return_wait_ms']:g} ms), "
+              f"mean {parts['client']:.2f} ms a request: "
               + ", ".join(f"{name} {parts[name]:.2f}" for name in ("queue", "encode", "search", "finish", "http"))
               + " ms (finish = the rest of the handler: thread hand-offs, document lookup, JSON; http = beyond "
               "the handler: waitress, sockets, the client)")
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["conc", "q/req", "return wait ms", "req/s", "q/s", "% raw", "p50 ms", "p99 ms", "errors", "avg batch", "cache hit",
-            "encoded q/s", "batcher busy", "server CPU", "client CPU", "other CPU"]
+    head = ["conc", "q/req", "return wait ms", "req/s", "q/s", "% raw", "p50 ms", "p99 ms", "errors", "avg batch",
+            "cache hit", "encoded q/s", "batcher busy", "server CPU", "client CPU", "other CPU"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---:" for _ in head) + "|")
     for r in rows:
         client_cpu = "-" if r["client_cpu_cores"] is None else f"{r['client_cpu_cores']:.2f}"
-        cells = [r["concurrency"], r["queries_per_request"], f"{r['return_wait_ms']:g}", f"{r['requests_per_s']:.0f}",
+        cells = [r["concurrency"], r["queries_per_request"], f"{r['return_wait_ms']:g}",
+                 f"{r['requests_per_s']:.0f}",
                  f"{r['queries_per_s']:.0f}", f"{100 * r['raw_limit_fraction']:.0f}%", f"{r['p50_ms']:.1f}",
                  f"{r['p99_ms']:.1f}", r["errors"],
                  f"{r['avg_batch_queries']:.1f}", f"{100 * r['cache_hit_rate']:.0f}%",
@@ -858,6 +879,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--large-request", type=int, default=512,
                       help="after the cells, time one request of this many fresh queries (0: skip)")
     load.add_argument("--large-repeats", type=int, default=3, help="how many such requests (median reported)")
+    load.add_argument("--lone-floor", action="store_true",
+                      help="also time one client of one query against a minimal Flask route around the same "
+                           "encoder and index (no batcher, cache, metrics or limits)")
     pinning = parser.add_argument_group("pinning (Linux)")
     pinning.add_argument("--pinned", action="store_true",
                          help="server on the first CPU this process may use, load generator on the second")
@@ -865,15 +889,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pinning.add_argument("--client-cpus", type=cpu_list, default=(),
                          help="pin the load generator to these CPUs")
     server = parser.add_argument_group("server (BatchingConfig / LoadOptions)")
-    server.add_argument("--max-wait-ms", type=float, default=1.0, help="batcher wait for more requests")
-    server.add_argument("--max-return-wait-ms", type=float, default=20.0,
+    server.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms,
+                        help="batcher wait for more requests")
+    server.add_argument("--max-return-wait-ms", type=float, default=BatchingConfig.max_return_wait_ms,
                         help="batcher wait for answered clients to send again (0: never)")
-    load.add_argument("--lone-floor", action="store_true",
-                      help="also time one client of one query against a minimal Flask route around the same "
-                           "encoder and index (no batcher, cache, metrics or limits)")
     server.add_argument("--return-wait-ab", action="store_true",
                         help="run each cell twice in a row: return wait off, then --max-return-wait-ms")
-    server.add_argument("--max-batch-queries", type=int, default=512, help="most queries in one batch")
+    server.add_argument("--max-batch-queries", type=int, default=BatchingConfig.max_batch_queries,
+                        help="most queries in one batch")
     server.add_argument("--http-threads", type=int, default=128, help="waitress worker threads")
     server.add_argument("--omp-threads", type=int, default=0,
                         help="faiss OpenMP threads (0: the CPUs the server may use)")

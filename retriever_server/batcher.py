@@ -1,18 +1,19 @@
 """Dynamic batching: concurrent requests become one encoder batch and one index search.
 
-HTTP threads hand their queries to a single search thread. It takes whatever is queued (waiting at most
-``max_wait_ms`` for more once the first request arrives, when other clients are active: a lone client's
-request is searched at once), deduplicates identical query strings across the
+HTTP threads hand their queries to a single search thread. It takes whatever is queued (waiting
+``max_wait_ms`` for more once the first request arrives, when other clients are active, and for the
+clients just answered, see below; a lone client's request is searched at once), deduplicates identical query strings across the
 batch and searches once with the largest ``topk`` asked for. One thread owns the encoder and the index, so
 torch and faiss never contend with each other for the cores.
 
 Clients that each keep one request outstanding (rollout workers, an evaluation at concurrency N) would
 otherwise split into two groups that alternate: while one group's batch is searched, the other's requests
 queue up and become the next batch, so batches hold half the clients. So a batch that starts to collect
-expects as many requests as were in flight at once during the previous batch (the clients just answered
-are about to send again), and waits for them at most ``max_return_wait_ms`` and a tenth of the previous
-search. Answering and reading those requests is work the cores must do anyway; the batch that follows holds
-every client, and a bigger batch costs less per query.
+right after a search expects as many requests as were in flight at once during the previous batch (the
+clients just answered are about to send again), and waits for them at most ``max_return_wait_ms`` and
+``RETURN_WAIT_FRACTION`` of the previous search. Answering and reading those requests is work the cores
+must do anyway; the batch that follows holds every client, and a bigger batch costs less per query. A wait
+that comes up short is not repeated on the next batch, so clients that think between requests lose little.
 
 A second thread finishes each batch while the next one is searched: one document lookup for all of the
 batch's hits (the JSON of each document encoded once, see ``responses.py``), then each request gets its own
@@ -104,7 +105,9 @@ class DynamicBatcher:
         self._in_flight_lock = threading.Lock()
         self._peak_in_flight = 0  # since the current batch began to collect
         self._requests_per_batch = 1.0  # moving average: are several clients active?
-        self._last_search_s = 0.0
+        self._last_search_s = 0.0  # the previous batch's encode + search: the return wait is a fraction of it
+        self._searched_at = float("-inf")  # when it ended
+        self._return_wait_missed = False  # the previous batch's return wait timed out short of its count
         self.heap = HeapTrimmer(enabled=config.trim_heap)
 
     def start(self) -> None:
@@ -147,11 +150,11 @@ class DynamicBatcher:
         first = self._next_request()
         if first is None:
             return []
-        batch, size = [first], len(first.queries)
         started = time.perf_counter()
-        expected = self._expected_requests()
+        expected = self._take_expected_requests(started)
         deadline = started + self._wait_s()
-        return_deadline = max(deadline, started + self._return_wait_s())
+        return_deadline = max(deadline, started + self._return_wait_s()) if expected > 1 else deadline
+        batch, size = [first], len(first.queries)
         while size < self.config.max_batch_queries:
             remaining = (return_deadline if len(batch) < expected else deadline) - time.perf_counter()
             try:
@@ -163,16 +166,21 @@ class DynamicBatcher:
                 break
             batch.append(item)
             size += len(item.queries)
+        self._return_wait_missed = len(batch) < expected and size < self.config.max_batch_queries
         self._requests_per_batch += BATCH_SIZE_SMOOTHING * (len(batch) - self._requests_per_batch)
         return batch
 
-    def _expected_requests(self) -> int:
-        """Requests this batch may expect: those in flight now, or as many as were in flight at once during
-        the previous batch, whose clients, just answered, are about to send again."""
+    def _take_expected_requests(self, now: float) -> int:
+        """How many requests this batch waits for (0: no return wait), restarting the in-flight peak for the
+        next batch. As many as were in flight at once during the previous batch, since the clients just
+        answered are about to send again; none when those clients already had their time to return (a lone
+        client after a burst) or when the previous batch waited for them in vain (clients that think between
+        requests: they pay the wait on every other batch at most)."""
         with self._in_flight_lock:
-            expected = max(self._in_flight, self._peak_in_flight)
-            self._peak_in_flight = self._in_flight
-        return expected
+            peak, in_flight = self._peak_in_flight, self._in_flight
+            self._peak_in_flight = in_flight
+        returning = now - self._searched_at <= self._return_wait_s() and not self._return_wait_missed
+        return max(peak, in_flight) if returning else 0
 
     def _next_request(self) -> _Request | None:
         """The next request, waiting as long as it takes; while waiting, the heap is trimmed once idle."""
@@ -183,8 +191,8 @@ class DynamicBatcher:
             return self._queue.get()
 
     def _wait_s(self) -> float:
-        """How long a batch waits to fill: ``max_wait_ms`` while other clients are active (another request in
-        flight, or recent batches held several); none for a lone client, which nobody could join."""
+        """How long a batch waits to fill beyond the return wait: ``max_wait_ms`` while other clients are active
+        (another request in flight, or recent batches held several); none for a lone client."""
         others = self._in_flight > 1 or self._requests_per_batch > MIN_REQUESTS_PER_BATCH_TO_WAIT
         return self.config.max_wait_ms / 1000 if others else 0.0
 
@@ -207,7 +215,8 @@ class DynamicBatcher:
         self.metrics.deduplicated.inc(total - len(row_of))
         try:
             scores, positions = self.retriever.search(list(row_of), max(r.k for r in batch))
-            self._last_search_s = time.perf_counter() - started
+            self._searched_at = time.perf_counter()
+            self._last_search_s = self._searched_at - started
         except Exception as err:  # noqa: BLE001 - any backend failure must reach every waiting request
             if getattr(err, "expected", False):  # e.g. a shard down: one line, not a traceback per batch
                 self._warn_once(f"search failed: {err}")

@@ -18,7 +18,7 @@ import requests
 
 from retriever_server import environment
 from retriever_server.app import create_app
-from retriever_server.batcher import BatchingConfig
+from retriever_server.batcher import RETURN_WAIT_FRACTION, BatchingConfig
 from retriever_server.encoder_backends import AUTO_BACKEND, ENCODER_BACKENDS, REFERENCE_BACKEND, check_backend
 from retriever_server.encoder_choice import AGREEMENT_K, MIN_SET_AGREEMENT
 from retriever_server.environment import AUTH_TOKEN
@@ -55,8 +55,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="longest wait for a batch to fill, while other clients are active")
     serve.add_argument("--max-return-wait-ms", type=float, default=BatchingConfig.max_return_wait_ms,
                        help="longest wait of a batch for the clients just answered to send again, so that "
-                            "clients keeping one request each share one batch (also at most a tenth of the "
-                            "previous search; 0: never)")
+                            f"clients keeping one request each share one batch (also at most "
+                            f"{RETURN_WAIT_FRACTION:.0%}% of the previous search; 0: never)")
     serve.add_argument("--request-timeout", type=float, default=BatchingConfig.request_timeout_s,
                        help="seconds before a queued request fails")
     serve.add_argument("--cache-size", type=int, default=100_000, help="query embeddings kept in the LRU cache")

@@ -86,13 +86,15 @@ def test_a_lone_client_is_not_made_to_wait_for_a_batch_to_fill(dense_retriever):
 
 
 class SlowRetriever(RecordingRetriever):
-    """Searches take ``delay_s`` at least, like a big index on a busy core."""
+    """Searches take ``delay_s`` at least, like a big index on a busy core; records when each began."""
 
     def __init__(self, inner, delay_s: float):
         super().__init__(inner)
         self.delay_s = delay_s
+        self.began: list[float] = []
 
     def search(self, queries, k):
+        self.began.append(time.perf_counter())
         time.sleep(self.delay_s)
         return super().search(queries, k)
 
@@ -109,13 +111,13 @@ def _closed_loop_clients(batcher, clients: int, rounds: int, think_s: tuple[floa
         list(pool.map(client, range(clients)))
 
 
-@pytest.mark.parametrize("return_wait_ms", [50.0, 0.0])
+@pytest.mark.parametrize("return_wait_ms", [30.0, 0.0])
 def test_clients_that_each_keep_one_request_share_one_batch(dense_retriever, return_wait_ms):
-    """Answered clients come back a few ms later, after the 1 ms window: the batch waits for them (up to a
-    tenth of the last search) instead of splitting them into two alternating groups."""
+    """Answered clients come back 4-12 ms later, well after the 1 ms window: the batch waits for them (here up
+    to 20 ms, a tenth of the last search) instead of splitting them into two alternating groups."""
     recorder = SlowRetriever(dense_retriever, delay_s=0.2)
     batcher = _batcher(recorder, max_wait_ms=1, max_return_wait_ms=return_wait_ms)
-    _closed_loop_clients(batcher, clients=8, rounds=6, think_s=(0.002, 0.006))
+    _closed_loop_clients(batcher, clients=8, rounds=6, think_s=(0.004, 0.012))
     batcher.stop()
     sizes = [len(queries) for queries, _ in recorder.calls]
     assert sum(sizes) == 48
@@ -124,6 +126,19 @@ def test_clients_that_each_keep_one_request_share_one_batch(dense_retriever, ret
         assert sum(later) / len(later) >= 6, sizes
     else:
         assert sum(later) / len(later) < 6, sizes  # the behaviour the wait exists to fix
+
+
+def test_a_lone_request_after_a_burst_is_not_held_for_clients_that_left(dense_retriever):
+    """The burst's clients had their time to return; the lone request that comes later is searched at once,
+    not held for the 50 ms return wait the burst's size would allow."""
+    recorder = SlowRetriever(dense_retriever, delay_s=0.5)
+    batcher = _batcher(recorder, max_wait_ms=1, max_return_wait_ms=100)
+    _concurrently(batcher, [([f"burst query {number}"], 3) for number in range(8)])
+    time.sleep(0.2)
+    sent = time.perf_counter()
+    batcher.search(["a lone query"], 3)
+    batcher.stop()
+    assert recorder.began[-1] - sent < 0.025
 
 
 def test_each_request_gets_its_own_topk_from_a_shared_search(dense_retriever):
