@@ -3,8 +3,8 @@ query a server (``query``)."""
 
 from __future__ import annotations
 
-import _thread
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from retriever_server import environment
+from retriever_server import environment, stack_dump
 from retriever_server.app import create_app
 from retriever_server.batcher import RETURN_WAIT_FRACTION, BatchingConfig
 from retriever_server.encoder_backends import AUTO_BACKEND, ENCODER_BACKENDS, REFERENCE_BACKEND, check_backend
@@ -232,7 +232,15 @@ def serve(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def _enable_stack_dumps() -> None:
+    """A crash prints the threads' stacks to stderr, and so does ``kill -USR1 <pid>`` for a server that seems
+    stuck (it keeps serving)."""
+    faulthandler.enable()
+    stack_dump.install(signal.SIGUSR1)
+
+
 def _serve(args: argparse.Namespace, report) -> int:
+    _enable_stack_dumps()
     limits = RequestLimits(max_queries_per_request=args.max_queries_per_request, max_query_chars=args.max_query_chars,
                            max_topk=args.max_topk, max_results_per_request=args.max_results_per_request,
                            max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
@@ -253,8 +261,8 @@ def _serve(args: argparse.Namespace, report) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can query it", args.host)
     # Loading a large index takes minutes; /health answers (ready: false) meanwhile. A failed load ends serve.
-    # SIGINT may be ignored (a background job), so stopping goes through SIGTERM, whose handler raises, once:
-    # a second signal must not break the stopping (draining, then stopping Ray) half-way.
+    # SIGINT may be ignored (a background job), so stopping goes through SIGTERM. Its handler only asks the
+    # server to stop, once: a second signal must not break the stopping (draining, then stopping Ray) half-way.
     stopping = threading.Event()
 
     def stop_serving(*_) -> None:
@@ -262,7 +270,7 @@ def _serve(args: argparse.Namespace, report) -> int:
             logger.info("already stopping")
             return
         stopping.set()
-        raise KeyboardInterrupt
+        server.request_stop()
 
     signal.signal(signal.SIGTERM, stop_serving)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -270,8 +278,7 @@ def _serve(args: argparse.Namespace, report) -> int:
 
     def stop_on_failure(error: BaseException) -> None:  # a failed load, or the connection to Ray lost for good
         report.send("problem", " ".join(str(error).split()))
-        if not stopping.is_set():
-            _thread.interrupt_main(signal.SIGTERM)
+        stop_serving()
 
     def on_ready() -> None:
         logger.info("ready: serving on %s", server.url)
@@ -285,8 +292,6 @@ def _serve(args: argparse.Namespace, report) -> int:
     try:
         service.load_in_background(on_failure=stop_on_failure, on_ready=on_ready)
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         stopping.set()
         server.stop()

@@ -109,6 +109,7 @@ class _GuardedServer(TcpWSGIServer):
 
     def __init__(self, *args: Any, limits: ServingLimits, **kwargs: Any):
         self.limits = limits
+        self.stop_requested = False
         super().__init__(*args, **kwargs)
 
     def readable(self) -> bool:
@@ -117,11 +118,21 @@ class _GuardedServer(TcpWSGIServer):
         return super().readable()
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (raised here as KeyboardInterrupt or SystemExit), then drain."""
+        """Serve until :meth:`request_stop` (or a KeyboardInterrupt or SystemExit), then drain."""
         try:
-            self.asyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map, use_poll=True)
+            while not self.stop_requested and self._map:
+                self.asyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map, use_poll=True, count=1)
         except (SystemExit, KeyboardInterrupt):
-            self.drain()
+            pass
+        self.drain()
+
+    def request_stop(self) -> None:
+        """Safe in a signal handler: sets a flag and wakes the poll, taking no lock. An exception raised
+        from a signal handler can land anywhere in the loop, e.g. between a lock's acquire and the block
+        that releases it, and later stall the drain on that lock (seen once, under a flood of connections)."""
+        self.stop_requested = True
+        with contextlib.suppress(OSError):  # the trigger is closed once the server is
+            self.trigger.pull_trigger()
 
     def drain(self) -> None:
         """Stop accepting, answer the requests already begun (within the shutdown timeout), then close
@@ -198,11 +209,16 @@ class WaitressServer:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Ends :meth:`serve_forever` (or the thread's loop) after a drain; safe in a signal handler."""
+        self._server.request_stop()
+
     def stop(self) -> None:
+        self._server.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=self._server.limits.shutdown_timeout_s + 5)
         self._server.close()
         self._server.task_dispatcher.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 @contextlib.contextmanager

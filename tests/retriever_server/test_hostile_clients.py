@@ -9,6 +9,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -222,5 +223,28 @@ def test_descriptors_past_1023_do_not_crash_the_server(demo_bm25_index, tmp_path
         try:  # a drain of up to 10 s, then 600 connections closed: slow on a loaded machine, but bounded
             process.wait(timeout=90)
         except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # the server prints every thread's stack to its log
+            time.sleep(2)
             process.kill()
-            raise
+            pytest.fail("the server did not stop within 90 s of SIGTERM:\n"
+                        + (tmp_path / "server.log").read_text()[-6000:])
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_server_keeps_serving(demo_bm25_index, tmp_path):
+    log = tmp_path / "server.log"
+    process, url = _serve_in_subprocess(demo_bm25_index, log, 1024)
+    try:
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "=== end of stacks ===" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dump = log.read_text().partition("=== stacks of every thread (SIGUSR1) ===")[2]
+        main, *others = dump.split("--- ")[1:]
+        assert "MainThread" in main.splitlines()[0] and "serve_forever" in main, dump[:3000]
+        # the batcher's thread by name; the 128 idle waitress workers share one stack, printed once
+        assert any("ragr1-batcher" in stack.splitlines()[0] for stack in others), dump[:3000]
+        assert any(stack.startswith("128 thread(s)") for stack in others), dump[:3000]
+        assert _retrieve(url, timeout=30).status_code == 200 and process.poll() is None
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
