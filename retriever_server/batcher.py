@@ -150,10 +150,10 @@ class DynamicBatcher:
         first = self._next_request()
         if first is None:
             return []
-        started = time.perf_counter()
-        expected = self._take_expected_requests(started)
+        started, return_wait = time.perf_counter(), self._return_wait_s()
+        expected = self._take_expected_requests(started, return_wait)
         deadline = started + self._wait_s()
-        return_deadline = max(deadline, started + self._return_wait_s()) if expected > 1 else deadline
+        return_deadline = max(deadline, started + return_wait) if expected > 1 else deadline
         batch, size = [first], len(first.queries)
         while size < self.config.max_batch_queries:
             remaining = (return_deadline if len(batch) < expected else deadline) - time.perf_counter()
@@ -170,7 +170,7 @@ class DynamicBatcher:
         self._requests_per_batch += BATCH_SIZE_SMOOTHING * (len(batch) - self._requests_per_batch)
         return batch
 
-    def _take_expected_requests(self, now: float) -> int:
+    def _take_expected_requests(self, now: float, return_wait: float) -> int:
         """How many requests this batch waits for (0: no return wait), restarting the in-flight peak for the
         next batch. As many as were in flight at once during the previous batch, since the clients just
         answered are about to send again; none when those clients already had their time to return (a lone
@@ -179,7 +179,7 @@ class DynamicBatcher:
         with self._in_flight_lock:
             peak, in_flight = self._peak_in_flight, self._in_flight
             self._peak_in_flight = in_flight
-        returning = now - self._searched_at <= self._return_wait_s() and not self._return_wait_missed
+        returning = now - self._searched_at <= return_wait and not self._return_wait_missed
         return max(peak, in_flight) if returning else 0
 
     def _next_request(self) -> _Request | None:

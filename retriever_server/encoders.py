@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,12 +212,13 @@ class TextEncoder:
             out[chunk] = self._forward(self.tokenizer.pad(rows, return_tensors="np"))
         return out
 
-    def _tokenize_padded(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,
-                                   return_tensors="np"))
+    def _tokenize_padded(self, texts: list[str]) -> Mapping[str, np.ndarray]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,
+                              return_tensors="np")
 
     def _tokenize_unpadded(self, texts: list[str]) -> dict[str, list[list[int]]]:
         return dict(self.tokenizer(texts, truncation=True, max_length=self.spec.max_length))
 
-    def _forward(self, batch) -> np.ndarray:
+    def _forward(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``batch``: a tokenizer's output (a BatchEncoding), made a plain dict for the backends."""
         return np.asarray(self.forward(dict(batch)), dtype=np.float32)
