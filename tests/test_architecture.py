@@ -43,7 +43,7 @@ LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
             "retriever_server.metrics", "retriever_server.responses", "retriever_server.wire",
             "retriever_server.encoders", "retriever_server.encoder_backends", "retriever_server.bm25",
             "retriever_server.dense",
-            "retriever_server.supervisor", "retriever_server.environment")),
+            "retriever_server.supervisor", "retriever_server.environment", "retriever_server.stack_dump")),
         ("index folders: manifest, shards, plans, loading, batching", (
             "retriever_server.manifest", "retriever_server.sharding", "retriever_server.sharded",
             "retriever_server.backends", "retriever_server.plan", "retriever_server.builder",
