@@ -272,9 +272,9 @@ def prepare_serving_process() -> None:
 
     - Ray's driver installs absl's failure signal handler on SIGTERM too, which prints a stack trace for a
       plain SIGTERM and, 3 s later, aborts the process (its alarm against a hanging handler) while the
-      server is still stopping: turned off, Python's faulthandler reports real crashes instead;
+      server is still stopping: turned off, Python's faulthandler (enabled by ``serve``) reports real
+      crashes instead;
     - a Ray call made after the server left Ray must fail, not start a new Ray instance (auto-init)."""
-    import faulthandler
     import sys
 
     global _ENDS_AFTER_SERVING
@@ -293,7 +293,6 @@ def prepare_serving_process() -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    faulthandler.enable()
 
 
 def ray_address(placement: RayPlacement) -> str:
