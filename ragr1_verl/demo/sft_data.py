@@ -39,6 +39,16 @@ RECIPES = ("ragr1.yaml", "ragr1_cpu.yaml")  # the CPU RL recipe builds on ragr1.
 PARTS = (("train", "train.parquet"), ("val", "val.parquet"))
 SUMMARY_FILE = "summary.json"
 CONCURRENCY = 8
+# The teacher writes each turn within this share of the rollout's per-turn cap. A student imitating it writes a
+# few tokens more at times, and with no room to spare those turns were cut before </answer>: on the 78 dev
+# questions, 13% of the SFT model's trajectories broke the protocol at a cap equal to the teacher's budget (96)
+# and 1% at 128 (run c01, docs/results/cpu-runs.md). 0.75 of the CPU recipe's 128 is the teacher's former 96.
+TEACHER_TURN_SHARE = 0.75
+
+
+def teacher_turn_tokens(config: RagR1Config) -> int:
+    """The scripted teacher's token budget for one turn: :data:`TEACHER_TURN_SHARE` of the rollout's cap."""
+    return max(1, int(config.max_tokens_per_turn * TEACHER_TURN_SHARE))
 
 
 def cpu_recipe_section() -> dict[str, Any]:
@@ -97,13 +107,13 @@ def write_demo_sft_data(out_dir: Path, model: Path, mode: str = "mq") -> tuple[P
 
 async def run_scripted(questions: Sequence[Any], config: RagR1Config, out_dir: Path, tokenizer: Any = None,
                        *, concurrency: int = CONCURRENCY) -> Any:
-    """``sft-generate``'s run with the scripted teacher: the rollout's round budget, sampling cap of
-    ``max_tokens_per_turn`` policy tokens and per-query cut of retrieved text (with ``tokenizer``)."""
+    """``sft-generate``'s run with the scripted teacher: the rollout's round budget and per-query cut of
+    retrieved text (with ``tokenizer``), and turns of at most :func:`teacher_turn_tokens` policy tokens."""
     codec, count = None, None
     if tokenizer is not None:
         codec, count = policy_codec(tokenizer), token_counter(tokenizer)
     settings = RunSettings(config, config.prompt_template or default_template(config.mode),
-                           Sampling(0.0, 1.0, config.max_tokens_per_turn), concurrency, progress=False)
+                           Sampling(0.0, 1.0, teacher_turn_tokens(config)), concurrency, progress=False)
     teacher = ScriptedTeacher(questions, config, count)
     return await generate(questions, settings, None, out_dir, codec=codec, teacher=teacher,
                           teacher_fields=teacher.fields())
