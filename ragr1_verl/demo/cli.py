@@ -47,6 +47,14 @@ from ragr1_verl.demo import assets, report
 from ragr1_verl.demo.presets import DEFAULT_PRESET, PRESETS, Preset, merge_overrides, override_key
 from ragr1_verl.demo.processes import run_logged
 from ragr1_verl.demo.report import read_metrics, validation_summary
+from ragr1_verl.demo.summary import (
+    SUMMARY_FILE,
+    ModelEvaluation,
+    RunSummary,
+    SummaryError,
+    read_summary,
+    write_summary,
+)
 from ragr1_verl.environment import CPU_BACKEND
 from ragr1_verl.evaluation.report import read_results
 from ragr1_verl.records import positive_int, read_records, staged_output
@@ -133,8 +141,9 @@ def make_parser() -> argparse.ArgumentParser:
                              "./ragr1-cpu-runs/<time>); an earlier run's folder resumes it: finished stages "
                              "are skipped")
     parser.add_argument("--compare-modes", type=Path, nargs=2, metavar=("MQ_RUN", "SQ_RUN"), default=None,
-                        help="print the mq vs sq table (the paper's Table 5) of two finished run folders, one "
-                             "run with --mode mq and one with --mode sq, and exit: EM with the paired "
+                        help="print the mq vs sq table (the paper's Table 5) of two finished runs, one with "
+                             "--mode mq and one with --mode sq, each its run folder or the folder's "
+                             f"eval/{SUMMARY_FILE}, and exit: EM with the paired "
                              "difference, searches per question and their ratio, queries per search, seconds "
                              "per question, overall and per question type")
     parser.add_argument("--log-level", default="INFO")
@@ -760,6 +769,7 @@ def _eval_stage(run: Run) -> None:
         run.models.setdefault(label, model)
     run.models = dict(sorted(run.models.items(), key=lambda item: _label_order(item[0])))
     rows: list[report.EvalRow] = []
+    evaluations: dict[str, ModelEvaluation] = {}
     types = question_types()
     timings = _timings(run.folder)
     for label, model in run.models.items():
@@ -782,6 +792,8 @@ def _eval_stage(run: Run) -> None:
             _out(f"evaluated {label}: {len(records)} held-out questions in {seconds:.0f} s")
         new_rows = report.eval_rows(label, records, seconds, types)
         rows += new_rows
+        evaluations[label] = ModelEvaluation(tuple(records), seconds)
+        write_summary(run.path("eval", SUMMARY_FILE), RunSummary(_json_object(run.folder / RUN_FILE), evaluations))
         overall = next(row for row in new_rows if row.group == "all") if new_rows else None
         if overall is not None:
             _progress(run, f"- eval {label}: {'already done: ' if done else ''}{overall.questions} "
@@ -793,28 +805,47 @@ def _eval_stage(run: Run) -> None:
     _progress(run, "\n```\n" + table + "\n```\n")
 
 
-def compare_modes(mq_folder: Path, sq_folder: Path) -> int:
-    """``--compare-modes``: the two folders' evaluations side by side (:func:`report.modes_table`)."""
+def compare_modes(mq_run: Path, sq_run: Path) -> int:
+    """``--compare-modes``: the two runs' evaluations side by side (:func:`report.modes_table`); each run is
+    its folder or the folder's ``eval/summary.json``."""
     rows = {}
-    for mode, folder in (("mq", mq_folder), ("sq", sq_folder)):
-        recorded = run_mode(folder)
+    for mode, source in (("mq", mq_run), ("sq", sq_run)):
+        try:
+            recorded, rows[mode] = run_mode(source), eval_rows_of(source)
+        except SummaryError as error:
+            _out(str(error), error=True)
+            return 2
         if recorded != mode:
-            _out(f"{folder / RUN_FILE}: this run's mode is {recorded or 'not recorded'}, expected {mode} "
+            where = source if source.is_file() else source / RUN_FILE
+            _out(f"{where}: this run's mode is {recorded or 'not recorded'}, expected {mode} "
                  "(--compare-modes MQ_RUN SQ_RUN)", error=True)
             return 2
-        rows[mode] = folder_eval_rows(folder)
         if not rows[mode]:
-            _out(f"{folder}: no evaluation under {folder / 'eval'}", error=True)
+            _out(f"{source}: no evaluation " + ("in it" if source.is_file() else f"under {source / 'eval'}"),
+                 error=True)
             return 2
     table = report.modes_table(rows["mq"], rows["sq"])
-    _out(f"mq: {mq_folder}\nsq: {sq_folder}\n\n{table}")
+    _out(f"mq: {mq_run}\nsq: {sq_run}\n\n{table}")
     return 0
 
 
-def run_mode(folder: Path) -> str | None:
-    """The ``mode`` a run folder's ``run.json`` records (None when it has none)."""
-    mode = _json_object(folder / RUN_FILE).get("mode")
+def run_mode(source: Path) -> str | None:
+    """The ``mode`` a run records (None when it has none): in its folder's ``run.json`` or, for a summary file,
+    in the copy of it there."""
+    run = read_summary(source).run if source.is_file() else _json_object(source / RUN_FILE)
+    mode = run.get("mode")
     return mode if isinstance(mode, str) else None
+
+
+def eval_rows_of(source: Path) -> list[report.EvalRow]:
+    """The table rows of every model evaluated in a run: :func:`folder_eval_rows` of a folder, or the same rows
+    from its summary file."""
+    if not source.is_file():
+        return folder_eval_rows(source)
+    types = question_types()
+    models = read_summary(source).models
+    return [row for label in sorted(models, key=_label_order)
+            for row in report.eval_rows(label, models[label].records, models[label].seconds, types)]
 
 
 def folder_eval_rows(folder: Path) -> list[report.EvalRow]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 
 from ragr1_verl.demo import cli as demo
 from ragr1_verl.demo import report
+from ragr1_verl.demo.summary import ModelEvaluation, RunSummary, write_summary
+from ragr1_verl.evaluation.report import read_results
 from retriever_server.demo import load_demo_questions
 
 
@@ -173,6 +176,18 @@ def test_compare_modes_prints_table_5_of_two_run_folders_as_a_user_runs_it(tmp_p
     assert set(rows) == {"sft", *(f"sft/{kind}" for kind in by_type)}
     assert all(row[1:5] == ["2", "1.000", "0.000", "+1.000"] for name, row in rows.items() if name != "sft")
 
+    # the same table from the runs' summary files, once the folders are gone
+    summaries = []
+    for folder, mode in ((mq, "mq"), (sq, "sq")):
+        summaries.append(tmp_path / f"{mode}-summary.json")
+        write_summary(summaries[-1], RunSummary({"mode": mode}, {"sft": ModelEvaluation(
+            tuple(read_results(folder / "eval" / "sft")), json.loads((folder / demo.TIMINGS_FILE).read_text())["eval/sft"])}))
+        shutil.rmtree(folder)
+    again = subprocess.run([str(command), "--compare-modes", *map(str, summaries)], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[2:] == done.stdout.splitlines()[2:]  # all but the "mq: ...", "sq: ..." lines
+
 
 def test_compare_modes_refuses_folders_in_the_wrong_order_or_without_evaluations(tmp_path, capsys):
     mq, sq = tmp_path / "mq", tmp_path / "sq"
@@ -186,3 +201,10 @@ def test_compare_modes_refuses_folders_in_the_wrong_order_or_without_evaluations
     assert demo.main(["--compare-modes", str(mq), str(empty)]) == 2
     assert "no evaluation under" in capsys.readouterr().err
     assert demo.main(["--compare-modes", str(mq), str(sq)]) == 0
+    summary = tmp_path / "sq-summary.json"
+    write_summary(summary, RunSummary({"mode": "mq"}, {}))  # a summary of the wrong mode
+    assert demo.main(["--compare-modes", str(mq), str(summary)]) == 2
+    assert f"{summary}: this run's mode is mq, expected sq" in capsys.readouterr().err
+    summary.write_text('{"format": 1, "run": {"mode": "sq"}, "models": {"sft": {"seconds": 1, "records": [{}]}}}')
+    assert demo.main(["--compare-modes", str(mq), str(summary)]) == 2
+    assert f"{summary}: models.sft.records[0].question" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import pytest
 from ragr1_verl.data.sft import write_sft_records
 from ragr1_verl.demo import cli as demo
 from ragr1_verl.demo import presets, report
+from ragr1_verl.demo.summary import read_summary
 
 QUICK_RL_BATCH_BEFORE_PRESETS = (  # the demo's RL batch before presets existed: quick must keep it
     "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
@@ -284,6 +285,12 @@ def test_a_resumed_run_skips_done_stages_and_runs_the_missing_ones(tmp_path, too
     table = (folder / "eval" / "table.txt").read_text()
     assert all(any(line.split()[:1] == [label] for line in table.splitlines())
                for label in ("base", "sft", "rl-seed0", "rl-seed1"))
+    # the small file to keep: every model's per-question scores, the run's settings, the evaluations' times
+    summary = read_summary(folder / "eval" / "summary.json")
+    assert list(summary.models) == ["base", "sft", "rl-seed0", "rl-seed1"]
+    for label, evaluation in summary.models.items():
+        assert [record["question"] for record in evaluation.records] == [f"{i}?" for i in QUESTIONS]
+        assert evaluation.seconds == round(json.loads((folder / "timings.json").read_text())[f"eval/{label}"], 1)
     progress = (folder / "progress.md").read_text()
     assert "- sft: already done" in progress and "- rl-seed1:" in progress
     assert "mean train reward: first 5 steps 0.500, last 5 steps 0.667" in progress  # (1..5)/6, (2..6)/6
@@ -327,6 +334,8 @@ def test_main_records_the_run_and_resumes_it(tmp_path, tools, monkeypatch):
     assert progress.count("- finished after") == 2
     assert "rl-seed0: already done" in (folder / "demo.log").read_text()
     assert [entry["argv"] for entry in json.loads((folder / "run.json").read_text())["invocations"]] == [argv] * 2
+    # the summary carries the run's settings as they stand after the second command
+    assert read_summary(folder / "eval" / "summary.json").run == json.loads((folder / "run.json").read_text())
 
 
 def test_an_unfinished_stage_starts_again_in_an_empty_folder(tmp_path, tools):
