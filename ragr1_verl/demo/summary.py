@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +55,14 @@ def write_summary(path: Path, summary: RunSummary) -> None:
                                    "records": [kept_record(record) for record in model.records]}
                            for label, model in summary.models.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # the umask's mode
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with staging.open("w", encoding="utf-8") as file:
             json.dump(document, file, indent=1)
             file.write("\n")
         os.replace(staging, path)
     except BaseException:
-        Path(staging).unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
         raise
 
 

@@ -1,6 +1,7 @@
 """``eval/summary.json``: a run's evaluations in one small file, read back with errors that name the field."""
 
 import json
+import os
 
 import pytest
 
@@ -30,6 +31,9 @@ def test_it_keeps_what_the_tables_need_and_reads_it_back(tmp_path):
     assert [dict(record) for record in summary.models["sft"].records] == [
         {name: record[name] for name in KEPT_FIELDS} for record in _records(3)]  # no id, no trajectory
     assert path.stat().st_size < 1000
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not private
 
 
 @pytest.mark.parametrize(("change", "message"), [
