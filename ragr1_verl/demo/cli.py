@@ -772,6 +772,7 @@ def _eval_stage(run: Run) -> None:
     evaluations: dict[str, ModelEvaluation] = {}
     types = question_types()
     timings = _timings(run.folder)
+    settings_record = _json_object(run.folder / RUN_FILE)
     for label, model in run.models.items():
         stage = f"eval/{label}"
         done = stage_done(run, stage)
@@ -793,7 +794,7 @@ def _eval_stage(run: Run) -> None:
         new_rows = report.eval_rows(label, records, seconds, types)
         rows += new_rows
         evaluations[label] = ModelEvaluation(tuple(records), seconds)
-        write_summary(run.path("eval", SUMMARY_FILE), RunSummary(_json_object(run.folder / RUN_FILE), evaluations))
+        write_summary(run.path("eval", SUMMARY_FILE), RunSummary(settings_record, evaluations))
         overall = next(row for row in new_rows if row.group == "all") if new_rows else None
         if overall is not None:
             _progress(run, f"- eval {label}: {'already done: ' if done else ''}{overall.questions} "
@@ -838,27 +839,20 @@ def run_mode(source: Path) -> str | None:
 
 
 def eval_rows_of(source: Path) -> list[report.EvalRow]:
-    """The table rows of every model evaluated in a run: :func:`folder_eval_rows` of a folder, or the same rows
-    from its summary file."""
-    if not source.is_file():
-        return folder_eval_rows(source)
+    """The table rows of every model evaluated in a run: its folder or its summary file."""
+    models = read_summary(source).models if source.is_file() else folder_evaluations(source)
     types = question_types()
-    models = read_summary(source).models
     return [row for label in sorted(models, key=_label_order)
             for row in report.eval_rows(label, models[label].records, models[label].seconds, types)]
 
 
-def folder_eval_rows(folder: Path) -> list[report.EvalRow]:
-    """The table rows of every model evaluated in a run folder (``eval/<label>/results.jsonl``), with the
-    evaluation's wall time from the folder's timings (0 where it is not recorded)."""
+def folder_evaluations(folder: Path) -> dict[str, ModelEvaluation]:
+    """Every model evaluated in a run folder (``eval/<label>/results.jsonl``), with the evaluation's wall time
+    from the folder's timings (0 where it is not recorded)."""
     timings = _timings(folder)
-    types = question_types()
-    rows: list[report.EvalRow] = []
-    labels = sorted((path.parent.name for path in (folder / "eval").glob("*/results.jsonl")), key=_label_order)
-    for label in labels:
-        records = read_results(folder / "eval" / label)
-        rows += report.eval_rows(label, records, float(timings.get(f"eval/{label}", 0.0)), types)
-    return rows
+    return {path.parent.name: ModelEvaluation(tuple(read_results(path.parent)),
+                                              float(timings.get(f"eval/{path.parent.name}", 0.0)))
+            for path in (folder / "eval").glob("*/results.jsonl")}
 
 
 def comparisons(labels: Sequence[str]) -> list[tuple[str, str]]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ragr1_verl.records import staged_output
 
 SUMMARY_FILE = "summary.json"  # in the run folder's eval/
 FORMAT_VERSION = 1
@@ -49,21 +49,13 @@ def kept_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_summary(path: Path, summary: RunSummary) -> None:
-    """Write ``summary`` to ``path`` at once (a temporary file renamed over it): never half a file."""
+    """Write ``summary`` to ``path`` at once (staged, then renamed over it): never half a file."""
     document = {"format": FORMAT_VERSION, "run": dict(summary.run),
                 "models": {label: {"seconds": round(model.seconds, 1),
                                    "records": [kept_record(record) for record in model.records]}
                            for label, model in summary.models.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # the umask's mode
-    try:
-        with staging.open("w", encoding="utf-8") as file:
-            json.dump(document, file, indent=1)
-            file.write("\n")
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    with staged_output(path.parent) as staging:
+        (staging / path.name).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
 
 
 def read_summary(path: Path) -> RunSummary:
